@@ -1,0 +1,685 @@
+"""Temporal coffee: a whole coffee-order system on Temporal, in one file.
+
+    python coffee.py demo                                    # everything in one process
+    python coffee.py worker                                  # run the worker
+    python coffee.py order --order-id 123 --drink latte --size M [--query] [--cancel-after 1]
+
+The file reads in the order of the architecture: models, pricing, services, the
+service factory, activities, the workflow, the worker, the client, the demo and
+the command line.
+"""
+
+import argparse
+import asyncio
+import logging
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import sys
+import sysconfig
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from functools import cached_property
+from pathlib import Path
+from typing import ClassVar, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+from temporalio import activity, workflow
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import RetryPolicy
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.envconfig import ClientConfig
+from temporalio.exceptions import ActivityError, is_cancelled_exception
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+TASK_QUEUE = "coffee-orders"
+DEFAULT_ADDRESS = "localhost:7233"
+
+
+# --- Models: the data that travels between client, workflow and activities ---
+
+
+class Drink(StrEnum):
+    ESPRESSO = "espresso"
+    LATTE = "latte"
+    MOCHA = "mocha"
+
+
+class Size(StrEnum):
+    S = "S"
+    M = "M"
+    L = "L"
+
+
+class OrderRequest(BaseModel):
+    """What a customer asks for; validated wherever it is decoded."""
+
+    model_config = ConfigDict(frozen=True)
+
+    order_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    drink: Drink
+    size: Size
+
+
+class OrderStatus(StrEnum):
+    RECEIVED = "RECEIVED"
+    CHARGING = "CHARGING"
+    BREWING = "BREWING"
+    SENDING_RECEIPT = "SENDING_RECEIPT"
+    REFUNDING = "REFUNDING"
+    COMPLETED = "COMPLETED"
+    CANCELLED = "CANCELLED"
+    FAILED = "FAILED"
+
+
+class OrderState(BaseModel):
+    """What the `get_status` query returns: the order as the workflow sees it now."""
+
+    status: OrderStatus = OrderStatus.RECEIVED
+    history: list[str] = []
+    amount_cents: int = 0
+    brew_attempts: int = 0
+    charged: bool = False
+    brewed: bool = False
+    receipt_sent: bool = False
+    refunded: bool = False
+    cancel_requested: bool = False
+    last_error: str | None = None
+    updated_at: datetime
+
+
+class OrderResult(BaseModel):
+    """What the workflow returns: the seed's keys, plus whether money went back."""
+
+    order_id: str
+    status: OrderStatus
+    charged: bool
+    brewed: bool
+    receipt_sent: bool
+    amount_cents: int
+    refunded: bool
+
+
+class Receipt(BaseModel):
+    order: OrderRequest
+    amount_cents: int
+
+
+# --- Pricing: a strategy, so a worker can swap the price list without touching the workflow ---
+
+
+class PricingStrategy(Protocol):
+    def price_cents(self, drink: Drink, size: Size) -> int: ...
+
+
+class StandardPricingStrategy:
+    """A base price by size plus a surcharge by drink: a medium latte is 450 + 75 = 525 cents."""
+
+    BASE_CENTS: ClassVar[dict[Size, int]] = {Size.S: 350, Size.M: 450, Size.L: 550}
+    SURCHARGE_CENTS: ClassVar[dict[Drink, int]] = {Drink.ESPRESSO: 0, Drink.LATTE: 75, Drink.MOCHA: 100}
+
+    def price_cents(self, drink: Drink, size: Size) -> int:
+        return self.BASE_CENTS[size] + self.SURCHARGE_CENTS[drink]
+
+
+# --- Services: simulated payment, brewing and notification, knowing nothing of Temporal ---
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    kind: Literal["charge", "refund"]
+    order_id: str
+    amount_cents: int
+    idempotency_key: str
+
+
+class PaymentService:
+    """A pretend payment provider that, like a real one, honours idempotency keys.
+
+    A retried call with a key it has seen returns the first outcome and moves no money.
+    The ledger lives in memory and grows by one entry per charge or refund.
+    """
+
+    def __init__(self) -> None:
+        self.ledger: list[LedgerEntry] = []
+        self._charges: dict[str, LedgerEntry] = {}
+        self._refunds: dict[str, LedgerEntry] = {}
+        self._log = logging.getLogger("coffee.payment")
+
+    def charge(self, order_id: str, amount_cents: int, idempotency_key: str) -> int:
+        if done := self._charges.get(idempotency_key):
+            self._log.info("Order %s was already charged %d cents; not charging again", order_id, done.amount_cents)
+            return done.amount_cents
+        self._log.info("Charging order %s for %d cents", order_id, amount_cents)
+        self._charges[idempotency_key] = self._record("charge", order_id, amount_cents, idempotency_key)
+        self._log.info("Charge successful for order %s", order_id)
+        return amount_cents
+
+    def refund(self, order_id: str, idempotency_key: str) -> int:
+        """Give back what the charge with this key took; 0 if it took nothing."""
+        if done := self._refunds.get(idempotency_key):
+            self._log.info("Order %s was already refunded %d cents", order_id, done.amount_cents)
+            return done.amount_cents
+        charge = self._charges.get(idempotency_key)
+        if charge is None:
+            self._log.info("Nothing to refund for order %s", order_id)
+            return 0
+        self._log.info("Refunding %d cents for order %s", charge.amount_cents, order_id)
+        self._refunds[idempotency_key] = self._record("refund", order_id, charge.amount_cents, idempotency_key)
+        return charge.amount_cents
+
+    def _record(self, kind: Literal["charge", "refund"], order_id: str, amount: int, key: str) -> LedgerEntry:
+        entry = LedgerEntry(kind, order_id, amount, key)
+        self.ledger.append(entry)
+        return entry
+
+
+class BrewMachineJammed(Exception):
+    """A passing fault: the same brew tried again a moment later usually works."""
+
+
+class BrewService:
+    """A pretend espresso machine that takes its time and jams now and then."""
+
+    def __init__(self, failure_rate: float, brew_seconds: float, jam_first_attempt_of: frozenset[str]) -> None:
+        self._failure_rate = failure_rate
+        self._brew_seconds = brew_seconds
+        self._jam_first_attempt_of = jam_first_attempt_of
+        self._log = logging.getLogger("coffee.brewing")
+
+    async def brew(self, order: OrderRequest, attempt: int, heartbeat: Callable[[], None]) -> None:
+        self._log.info("Brewing %s (%s) for order %s", order.drink, order.size, order.order_id)
+        forced = attempt == 1 and order.order_id in self._jam_first_attempt_of
+        jams = forced or random.random() < self._failure_rate
+        try:
+            # A jam strikes halfway through the brew.
+            await self._work(self._brew_seconds / 2 if jams else self._brew_seconds, heartbeat)
+        except asyncio.CancelledError:
+            self._log.info("Brew stopped for order %s", order.order_id)
+            raise
+        if jams:
+            self._log.error("Brew machine jammed for order %s!", order.order_id)
+            raise BrewMachineJammed(f"Brew machine jammed for order {order.order_id}!")
+        self._log.info("Brew complete for order %s", order.order_id)
+
+    @staticmethod
+    async def _work(seconds: float, heartbeat: Callable[[], None]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while (left := deadline - loop.time()) > 0:
+            heartbeat()
+            await asyncio.sleep(min(left, 0.5))
+
+
+class NotificationService:
+    def __init__(self) -> None:
+        self._log = logging.getLogger("coffee.notify")
+
+    def send_receipt(self, receipt: Receipt) -> None:
+        order = receipt.order
+        self._log.info("Sending receipt for order %s", order.order_id)
+        self._log.info("Receipt sent for order %s: %s (%s), %d cents", order.order_id, order.drink, order.size, receipt.amount_cents)
+
+
+# --- Service factory: one instance of each service per worker process ---
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    brew_failure_rate: float = 0.3
+    brew_seconds: float = 2.5
+    jam_first_attempt_of: frozenset[str] = frozenset()  # order ids whose first brew always jams (the demo's)
+
+
+class ServiceFactory:
+    """Builds each service on first use, then hands out that same instance."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+
+    @cached_property
+    def pricing(self) -> PricingStrategy:
+        return StandardPricingStrategy()
+
+    @cached_property
+    def payment(self) -> PaymentService:
+        return PaymentService()
+
+    @cached_property
+    def brewing(self) -> BrewService:
+        s = self.settings
+        return BrewService(s.brew_failure_rate, s.brew_seconds, s.jam_first_attempt_of)
+
+    @cached_property
+    def notification(self) -> NotificationService:
+        return NotificationService()
+
+
+# --- Activities: thin wrappers that give the services Temporal's retries, timeouts and heartbeats ---
+
+
+def _idempotency_key() -> str:
+    # Every retry of one workflow run shares this key, so it charges once;
+    # reusing an order id starts a new run with a new key, so that order is charged again.
+    info = activity.info()
+    return f"{info.workflow_id}/{info.workflow_run_id}"
+
+
+class CoffeeActivities:
+    """Activities as methods, so the worker hands them their services (and tests hand them fakes)."""
+
+    def __init__(self, services: ServiceFactory) -> None:
+        self._services = services
+
+    @activity.defn
+    async def charge_customer(self, order: OrderRequest) -> int:
+        amount = self._services.pricing.price_cents(order.drink, order.size)
+        return self._services.payment.charge(order.order_id, amount, _idempotency_key())
+
+    @activity.defn
+    async def brew_coffee(self, order: OrderRequest) -> int:
+        """Brews and returns the attempt that succeeded. Heartbeats so that a cancel can reach it."""
+        attempt = activity.info().attempt
+        await self._services.brewing.brew(order, attempt, heartbeat=activity.heartbeat)
+        return attempt
+
+    @activity.defn
+    async def send_receipt(self, receipt: Receipt) -> None:
+        self._services.notification.send_receipt(receipt)
+
+    @activity.defn
+    async def refund_customer(self, order: OrderRequest) -> int:
+        return self._services.payment.refund(order.order_id, _idempotency_key())
+
+    def all(self) -> list[Callable[..., Awaitable[object]]]:
+        return [self.charge_customer, self.brew_coffee, self.send_receipt, self.refund_customer]
+
+
+# --- Workflow: the order's durable logic. Deterministic: no I/O, clocks or randomness of its own ---
+
+# The seed's policy for each step: 5 attempts, 1 s apart at first, twice as long each time.
+STEP_RETRY_POLICY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_attempts=5)
+# A refund must land, so it never gives up; it backs off to one try a minute.
+REFUND_RETRY_POLICY = RetryPolicy(
+    initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(minutes=1)
+)
+STEP_TIMEOUT = timedelta(seconds=10)
+BREW_TIMEOUT = timedelta(minutes=2)
+# Heartbeats are sent at most every 0.8 x this, and a cancel reaches the brew only with one.
+BREW_HEARTBEAT_TIMEOUT = timedelta(seconds=2)
+
+
+@workflow.defn
+class OrderCoffeeWorkflow:
+    """Charge, brew, send the receipt; refund if the coffee is never made."""
+
+    @workflow.init
+    def __init__(self, order: OrderRequest) -> None:
+        self._order = order
+        self._state = OrderState(status=OrderStatus.RECEIVED, history=["RECEIVED"], updated_at=workflow.now())
+        self._brew: workflow.ActivityHandle[int] | None = None
+
+    @workflow.run
+    async def run(self, order: OrderRequest) -> OrderResult:
+        try:
+            if not self._state.cancel_requested:
+                await self._charge()
+            if not self._state.cancel_requested:
+                await self._brew_coffee()
+        except ActivityError as err:
+            if not is_cancelled_exception(err):
+                self._state.last_error = str(err.cause or err)
+        if not self._state.brewed:
+            await self._refund()
+            return self._finish(OrderStatus.CANCELLED if self._state.cancel_requested else OrderStatus.FAILED)
+        await self._send_receipt()
+        return self._finish(OrderStatus.COMPLETED)
+
+    @workflow.signal
+    def cancel_order(self) -> None:
+        if self._state.brewed or self._state.status in (OrderStatus.CANCELLED, OrderStatus.FAILED):
+            self._note("Cancel request declined: too late")
+            return
+        self._state.cancel_requested = True
+        self._note("Cancel requested")
+        if self._brew is not None:
+            # The brew learns of this at its next heartbeat; the workflow waits until it has stopped.
+            self._brew.cancel()
+
+    @workflow.query
+    def get_status(self) -> OrderState:
+        return self._state
+
+    async def _charge(self) -> None:
+        self._move(OrderStatus.CHARGING)
+        self._state.amount_cents = await workflow.execute_activity_method(
+            CoffeeActivities.charge_customer,
+            self._order,
+            start_to_close_timeout=STEP_TIMEOUT,
+            retry_policy=STEP_RETRY_POLICY,
+        )
+        self._state.charged = True
+        self._note(f"Charged {self._state.amount_cents} cents")
+
+    async def _brew_coffee(self) -> None:
+        self._move(OrderStatus.BREWING)
+        self._brew = workflow.start_activity_method(
+            CoffeeActivities.brew_coffee,
+            self._order,
+            start_to_close_timeout=BREW_TIMEOUT,
+            heartbeat_timeout=BREW_HEARTBEAT_TIMEOUT,
+            retry_policy=STEP_RETRY_POLICY,
+            # On cancel, wait for the brew to really stop before refunding.
+            cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        )
+        self._state.brew_attempts = await self._brew
+        self._state.brewed = True
+        self._note(f"Brewed {self._order.drink} ({self._order.size}) on attempt {self._state.brew_attempts}")
+
+    async def _send_receipt(self) -> None:
+        self._move(OrderStatus.SENDING_RECEIPT)
+        try:
+            await workflow.execute_activity_method(
+                CoffeeActivities.send_receipt,
+                Receipt(order=self._order, amount_cents=self._state.amount_cents),
+                start_to_close_timeout=STEP_TIMEOUT,
+                retry_policy=STEP_RETRY_POLICY,
+            )
+        except ActivityError as err:
+            # The customer has the coffee and paid for it; a lost receipt does not undo that.
+            self._state.last_error = str(err.cause or err)
+            return
+        self._state.receipt_sent = True
+        self._note("Receipt sent")
+
+    async def _refund(self) -> None:
+        if not self._state.charged:
+            return
+        self._move(OrderStatus.REFUNDING)
+        refunded = await workflow.execute_activity_method(
+            CoffeeActivities.refund_customer,
+            self._order,
+            start_to_close_timeout=STEP_TIMEOUT,
+            retry_policy=REFUND_RETRY_POLICY,
+        )
+        self._state.refunded = refunded > 0
+        self._note(f"Refunded {refunded} cents")
+
+    def _finish(self, status: OrderStatus) -> OrderResult:
+        self._move(status)
+        s = self._state
+        return OrderResult(
+            order_id=self._order.order_id,
+            status=s.status,
+            charged=s.charged,
+            brewed=s.brewed,
+            receipt_sent=s.receipt_sent,
+            amount_cents=s.amount_cents,
+            refunded=s.refunded,
+        )
+
+    def _move(self, status: OrderStatus) -> None:
+        self._state.status = status
+        self._note(status.value)
+
+    def _note(self, event: str) -> None:
+        self._state.history.append(event)
+        self._state.updated_at = workflow.now()
+
+
+# --- Worker: polls the task queue and runs the workflow and activities ---
+
+
+def new_worker(client: Client, services: ServiceFactory, task_queue: str = TASK_QUEUE) -> Worker:
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[OrderCoffeeWorkflow],
+        activities=CoffeeActivities(services).all(),
+        # On shutdown, give a running brew time to finish before handing it back to the server.
+        graceful_shutdown_timeout=timedelta(seconds=5),
+    )
+
+
+async def run_worker(settings: ServiceSettings) -> None:
+    client = await connect()
+    async with new_worker(client, ServiceFactory(settings)):
+        logging.getLogger("coffee.worker").info("Worker polling task queue %r; Ctrl-C to stop", TASK_QUEUE)
+        await wait_for_stop_signal()
+
+
+async def wait_for_stop_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+# --- Client: start an order, follow it, cancel it ---
+
+
+async def connect() -> Client:
+    """Connect as Temporal's environment configuration says (TEMPORAL_ADDRESS, profiles, TLS, API key)."""
+    config = ClientConfig.load_client_connect_config()
+    config.setdefault("target_host", DEFAULT_ADDRESS)
+    return await Client.connect(**config, data_converter=pydantic_data_converter)
+
+
+def workflow_id_for(order_id: str) -> str:
+    return f"order-{order_id}"
+
+
+async def place_order(
+    client: Client,
+    order: OrderRequest,
+    *,
+    on_change: Callable[[OrderState, list[str]], None] | None = None,
+    cancel_after: float | None = None,
+) -> OrderResult:
+    """Start the order, optionally follow its state and cancel it, and wait for its result."""
+    handle = await client.start_workflow(
+        OrderCoffeeWorkflow.run, order, id=workflow_id_for(order.order_id), task_queue=TASK_QUEUE
+    )
+    async with asyncio.TaskGroup() as helpers:
+        if on_change is not None:
+            helpers.create_task(follow_state(handle, on_change))
+        canceller = helpers.create_task(cancel_later(handle, cancel_after)) if cancel_after is not None else None
+        result = await handle.result()
+        if canceller is not None:
+            canceller.cancel()  # The order has ended; there is nothing left to cancel.
+    return result
+
+
+FINAL_STATUSES = (OrderStatus.COMPLETED, OrderStatus.CANCELLED, OrderStatus.FAILED)
+
+
+async def follow_state(
+    handle: WorkflowHandle[OrderCoffeeWorkflow, OrderResult], on_change: Callable[[OrderState, list[str]], None]
+) -> None:
+    """Poll the get_status query and report what is new each time, until the order ends."""
+    seen = 0
+    while True:
+        state = await handle.query(OrderCoffeeWorkflow.get_status)
+        if len(state.history) > seen:
+            on_change(state, state.history[seen:])
+            seen = len(state.history)
+        if state.status in FINAL_STATUSES:
+            return
+        await asyncio.sleep(0.1)
+
+
+async def cancel_later(handle: WorkflowHandle[OrderCoffeeWorkflow, OrderResult], seconds: float) -> None:
+    await asyncio.sleep(seconds)
+    await handle.signal(OrderCoffeeWorkflow.cancel_order)
+
+
+# --- Demo: a worker and three orders in one process, narrated ---
+
+
+def find_binary(name: str) -> str | None:
+    """Find a binary that a pip package put beside this Python, even in a venv that is not activated."""
+    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        if (candidate := Path(folder) / name).is_file():
+            return str(candidate)
+    return shutil.which(name)
+
+
+def web_ui_url(target_host: str, namespace: str) -> str:
+    host, _, port = target_host.rpartition(":")
+    if host.endswith(".tmprl.cloud"):
+        return f"https://cloud.temporal.io/namespaces/{namespace}/workflows"
+    # A dev server serves its web UI on its gRPC port + 1000 (7233 -> 8233).
+    return f"http://{host}:{int(port) + 1000}/namespaces/{namespace}/workflows"
+
+
+@contextmanager
+def stdout_to_devnull() -> Iterator[None]:
+    """Point file descriptor 1 at /dev/null, so that child processes started meanwhile inherit that."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+async def run_demo() -> None:
+    say("Temporal coffee demo: a worker and three orders in this one process.")
+    orders = demo_orders(secrets.token_hex(2))  # a fresh suffix, so a second run never meets the first one's ids
+    # No random jams, but the latte's first brew always jams, so the retry shows every time.
+    settings = ServiceSettings(brew_failure_rate=0.0, jam_first_attempt_of=frozenset({orders[0].order_id}))
+    try:
+        client = await connect()
+        async with new_worker(client, ServiceFactory(settings)):
+            await run_scenarios(client, orders, embedded=False)
+        return
+    except RuntimeError as err:
+        if "connect" not in str(err).lower():
+            raise
+    say("No Temporal server answered, so the demo starts its own dev server; it stops when the demo ends.")
+    with stdout_to_devnull():  # The dev server would print its banner into the narration.
+        env = await WorkflowEnvironment.start_local(
+            data_converter=pydantic_data_converter,
+            ui=True,
+            dev_server_existing_path=find_binary("temporal"),
+            dev_server_log_level="error",
+        )
+    async with env, new_worker(env.client, ServiceFactory(settings)):
+        await run_scenarios(env.client, orders, embedded=True)
+
+
+def demo_orders(suffix: str) -> list[OrderRequest]:
+    return [
+        OrderRequest(order_id=f"latte-{suffix}", drink=Drink.LATTE, size=Size.M),
+        OrderRequest(order_id=f"mocha-{suffix}", drink=Drink.MOCHA, size=Size.L),
+        OrderRequest(order_id=f"espresso-{suffix}", drink=Drink.ESPRESSO, size=Size.S),
+    ]
+
+
+async def run_scenarios(client: Client, orders: list[OrderRequest], embedded: bool) -> None:
+    config = client.service_client.config
+    ui = web_ui_url(config.target_host, client.namespace)
+    say(f"Worker polling task queue {TASK_QUEUE!r} on {config.target_host}. Web UI: {ui}")
+
+    def show_state(state: OrderState, new_events: list[str]) -> None:
+        for event in new_events:
+            say(f"   get_status: {event}")
+
+    latte, mocha, espresso = orders
+    say()
+    say("1. A medium latte. Its first brew jams; Temporal retries the activity 1 s later.")
+    say(f"   {ui}/{workflow_id_for(latte.order_id)}")
+    say(f"   -> {(await place_order(client, latte)).model_dump_json()}")
+    say()
+    say("2. A large mocha, followed with the get_status query as it moves.")
+    say(f"   {ui}/{workflow_id_for(mocha.order_id)}")
+    say(f"   -> {(await place_order(client, mocha, on_change=show_state)).model_dump_json()}")
+    say()
+    say("3. A small espresso, cancelled with the cancel_order signal 1 s in, mid-brew.")
+    say(f"   {ui}/{workflow_id_for(espresso.order_id)}")
+    say(f"   -> {(await place_order(client, espresso, cancel_after=1.0)).model_dump_json()}")
+    say()
+    if embedded:
+        say("The embedded server stops now. To browse these orders afterwards, start `temporal server start-dev`")
+        say("in another terminal and run the demo again.")
+
+
+# --- Command line ---
+
+ORDER_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def order_id_arg(value: str) -> str:
+    if not ORDER_ID.match(value):
+        raise argparse.ArgumentTypeError("use 1 to 64 letters, digits, '-' or '_'")
+    return value
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname)s] %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    logging.getLogger("temporalio").setLevel(logging.WARNING)
+    # Each jam is already logged by the brew service; the SDK would repeat it with a stack trace.
+    logging.getLogger("temporalio.activity").setLevel(logging.ERROR)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="coffee.py", description="A coffee-order system on Temporal.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("demo", help="run a worker and three narrated orders in one process")
+    worker = commands.add_parser("worker", help=f"run a worker on task queue {TASK_QUEUE!r}")
+    worker.add_argument("--brew-failure-rate", type=float, default=ServiceSettings.brew_failure_rate)
+    worker.add_argument("--brew-seconds", type=float, default=ServiceSettings.brew_seconds)
+    order = commands.add_parser("order", help="place an order and print its result as JSON")
+    order.add_argument("--order-id", required=True, type=order_id_arg)
+    order.add_argument("--drink", required=True, choices=[d.value for d in Drink])
+    order.add_argument("--size", required=True, choices=[s.value for s in Size])
+    order.add_argument("--query", action="store_true", help="print the live state as it changes")
+    order.add_argument("--cancel-after", type=float, metavar="SECONDS", help="send cancel_order after this long")
+    return parser.parse_args(argv)
+
+
+async def run_order(args: argparse.Namespace) -> int:
+    order = OrderRequest(order_id=args.order_id, drink=args.drink, size=args.size)
+    client = await connect()
+    on_change = (lambda state, _: print(state.model_dump_json(), flush=True)) if args.query else None
+    result = await place_order(client, order, on_change=on_change, cancel_after=args.cancel_after)
+    print(result.model_dump_json(indent=2))
+    return 1 if result.status == OrderStatus.FAILED else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    if args.command == "worker":
+        asyncio.run(run_worker(ServiceSettings(args.brew_failure_rate, args.brew_seconds)))
+        return 0
+    if args.command == "order":
+        return asyncio.run(run_order(args))
+    started = time.monotonic()
+    asyncio.run(run_demo())
+    say(f"Demo took {time.monotonic() - started:.1f} s.")
+    return 0
+
+
+if __name__ == "__main__":
+    exit_code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: temporalio's runtime threads can crash it (sdk-python#300).
+    os._exit(exit_code)
