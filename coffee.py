@@ -14,23 +14,22 @@ import asyncio
 import logging
 import os
 import random
-import re
 import secrets
 import shutil
 import signal
 import sys
 import sysconfig
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
-from typing import ClassVar, Literal, Protocol
+from typing import Annotated, Any, ClassVar, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from temporalio import activity, workflow
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import RetryPolicy
@@ -59,12 +58,15 @@ class Size(StrEnum):
     L = "L"
 
 
+OrderId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
 class OrderRequest(BaseModel):
     """What a customer asks for; validated wherever it is decoded."""
 
     model_config = ConfigDict(frozen=True)
 
-    order_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    order_id: OrderId
     drink: Drink
     size: Size
 
@@ -226,7 +228,13 @@ class NotificationService:
     def send_receipt(self, receipt: Receipt) -> None:
         order = receipt.order
         self._log.info("Sending receipt for order %s", order.order_id)
-        self._log.info("Receipt sent for order %s: %s (%s), %d cents", order.order_id, order.drink, order.size, receipt.amount_cents)
+        self._log.info(
+            "Receipt sent for order %s: %s (%s), %d cents",
+            order.order_id,
+            order.drink,
+            order.size,
+            receipt.amount_cents,
+        )
 
 
 # --- Service factory: one instance of each service per worker process ---
@@ -451,9 +459,14 @@ def new_worker(client: Client, services: ServiceFactory, task_queue: str = TASK_
 
 async def run_worker(settings: ServiceSettings) -> None:
     client = await connect()
+    log = logging.getLogger("coffee.worker")
     async with new_worker(client, ServiceFactory(settings)):
-        logging.getLogger("coffee.worker").info("Worker polling task queue %r; Ctrl-C to stop", TASK_QUEUE)
+        log.info(
+            "Worker polling task queue %r on %s; Ctrl-C to stop", TASK_QUEUE, client.service_client.config.target_host
+        )
         await wait_for_stop_signal()
+        log.info("Stopping: letting running activities finish")
+    log.info("Worker stopped")
 
 
 async def wait_for_stop_signal() -> None:
@@ -467,11 +480,19 @@ async def wait_for_stop_signal() -> None:
 # --- Client: start an order, follow it, cancel it ---
 
 
+class ServerUnreachable(Exception):
+    pass
+
+
 async def connect() -> Client:
     """Connect as Temporal's environment configuration says (TEMPORAL_ADDRESS, profiles, TLS, API key)."""
     config = ClientConfig.load_client_connect_config()
     config.setdefault("target_host", DEFAULT_ADDRESS)
-    return await Client.connect(**config, data_converter=pydantic_data_converter)
+    try:
+        async with asyncio.timeout(10):
+            return await Client.connect(**config, data_converter=pydantic_data_converter)
+    except (RuntimeError, TimeoutError) as err:
+        raise ServerUnreachable(config["target_host"]) from err
 
 
 def workflow_id_for(order_id: str) -> str:
@@ -484,10 +505,11 @@ async def place_order(
     *,
     on_change: Callable[[OrderState, list[str]], None] | None = None,
     cancel_after: float | None = None,
+    task_queue: str = TASK_QUEUE,
 ) -> OrderResult:
     """Start the order, optionally follow its state and cancel it, and wait for its result."""
     handle = await client.start_workflow(
-        OrderCoffeeWorkflow.run, order, id=workflow_id_for(order.order_id), task_queue=TASK_QUEUE
+        OrderCoffeeWorkflow.run, order, id=workflow_id_for(order.order_id), task_queue=task_queue
     )
     async with asyncio.TaskGroup() as helpers:
         if on_change is not None:
@@ -560,79 +582,103 @@ def say(text: str = "") -> None:
 
 
 async def run_demo() -> None:
-    say("Temporal coffee demo: a worker and three orders in this one process.")
-    orders = demo_orders(secrets.token_hex(2))  # a fresh suffix, so a second run never meets the first one's ids
-    # No random jams, but the latte's first brew always jams, so the retry shows every time.
-    settings = ServiceSettings(brew_failure_rate=0.0, jam_first_attempt_of=frozenset({orders[0].order_id}))
+    suffix = secrets.token_hex(2)  # fresh order ids, so a second run never meets the first one's
+    latte, mocha, espresso = (
+        OrderRequest(order_id=f"latte-{suffix}", drink=Drink.LATTE, size=Size.M),
+        OrderRequest(order_id=f"mocha-{suffix}", drink=Drink.MOCHA, size=Size.L),
+        OrderRequest(order_id=f"espresso-{suffix}", drink=Drink.ESPRESSO, size=Size.S),
+    )
+    # No random jams, but the latte's first brew always jams, so that the retry shows every time.
+    services = ServiceFactory(ServiceSettings(brew_failure_rate=0.0, jam_first_attempt_of=frozenset({latte.order_id})))
+    # A task queue of its own, so that a `coffee.py worker` left running elsewhere cannot take the demo's orders.
+    task_queue = f"{TASK_QUEUE}-demo-{suffix}"
+
+    say("Temporal coffee demo")
+    say("Each order is one run of OrderCoffeeWorkflow: charge the customer, brew, send a receipt.")
+    async with demo_client() as client, new_worker(client, services, task_queue):
+        ui = web_ui_url(client.service_client.config.target_host, client.namespace)
+        say(f"This process is also the worker: it polls task queue {task_queue!r} and runs each step as an activity.")
+        say(f"Web UI: {ui}")
+
+        def ledger(order: OrderRequest) -> str:
+            moves = [f"{e.kind} {e.amount_cents}" for e in services.payment.ledger if e.order_id == order.order_id]
+            return ", ".join(moves) or "no money moved"
+
+        async def order_and_report(order: OrderRequest, story: str, moral: str, **options: Any) -> None:
+            say()
+            say(story)
+            say(f"   {ui}/{workflow_id_for(order.order_id)}")
+            result = await place_order(client, order, task_queue=task_queue, **options)
+            say(f"   result: {result.model_dump_json()}")
+            say(f"   payment ledger: {ledger(order)}")
+            say(f"   {moral}")
+
+        def show_state(state: OrderState, new_events: list[str]) -> None:
+            for event in new_events:
+                say(f"   get_status: {event}")
+
+        await order_and_report(
+            latte,
+            "1. A medium latte, whose first brew jams.",
+            "The jam failed the brew_coffee activity; Temporal ran it again 1 s later, as the retry policy says.\n"
+            "   The charge ran once: 525 cents, 450 for a medium plus 75 for a latte.",
+        )
+        await order_and_report(
+            mocha,
+            "2. A large mocha, watched through the get_status query.",
+            "A query reads the workflow's state without changing it, even while the workflow waits on an activity.",
+            on_change=show_state,
+        )
+        await order_and_report(
+            espresso,
+            "3. A small espresso, cancelled by the cancel_order signal 1 s in.",
+            "The signal cancelled the brew, which heard it at its next heartbeat and stopped;\n"
+            "   only then did the workflow refund the charge.",
+            cancel_after=1.0,
+        )
+    say()
+
+
+@asynccontextmanager
+async def demo_client() -> AsyncIterator[Client]:
+    """A client of the configured server if one answers; otherwise of a dev server started for the demo."""
     try:
         client = await connect()
-        async with new_worker(client, ServiceFactory(settings)):
-            await run_scenarios(client, orders, embedded=False)
+    except ServerUnreachable as err:
+        say(f"No Temporal server answered at {err}, so the demo starts its own; it stops when the demo ends.")
+    else:
+        say(f"Using the Temporal server at {client.service_client.config.target_host}.")
+        yield client
         return
-    except RuntimeError as err:
-        if "connect" not in str(err).lower():
-            raise
-    say("No Temporal server answered, so the demo starts its own dev server; it stops when the demo ends.")
     with stdout_to_devnull():  # The dev server would print its banner into the narration.
-        env = await WorkflowEnvironment.start_local(
+        server = await WorkflowEnvironment.start_local(
             data_converter=pydantic_data_converter,
             ui=True,
             dev_server_existing_path=find_binary("temporal"),
             dev_server_log_level="error",
         )
-    async with env, new_worker(env.client, ServiceFactory(settings)):
-        await run_scenarios(env.client, orders, embedded=True)
-
-
-def demo_orders(suffix: str) -> list[OrderRequest]:
-    return [
-        OrderRequest(order_id=f"latte-{suffix}", drink=Drink.LATTE, size=Size.M),
-        OrderRequest(order_id=f"mocha-{suffix}", drink=Drink.MOCHA, size=Size.L),
-        OrderRequest(order_id=f"espresso-{suffix}", drink=Drink.ESPRESSO, size=Size.S),
-    ]
-
-
-async def run_scenarios(client: Client, orders: list[OrderRequest], embedded: bool) -> None:
-    config = client.service_client.config
-    ui = web_ui_url(config.target_host, client.namespace)
-    say(f"Worker polling task queue {TASK_QUEUE!r} on {config.target_host}. Web UI: {ui}")
-
-    def show_state(state: OrderState, new_events: list[str]) -> None:
-        for event in new_events:
-            say(f"   get_status: {event}")
-
-    latte, mocha, espresso = orders
-    say()
-    say("1. A medium latte. Its first brew jams; Temporal retries the activity 1 s later.")
-    say(f"   {ui}/{workflow_id_for(latte.order_id)}")
-    say(f"   -> {(await place_order(client, latte)).model_dump_json()}")
-    say()
-    say("2. A large mocha, followed with the get_status query as it moves.")
-    say(f"   {ui}/{workflow_id_for(mocha.order_id)}")
-    say(f"   -> {(await place_order(client, mocha, on_change=show_state)).model_dump_json()}")
-    say()
-    say("3. A small espresso, cancelled with the cancel_order signal 1 s in, mid-brew.")
-    say(f"   {ui}/{workflow_id_for(espresso.order_id)}")
-    say(f"   -> {(await place_order(client, espresso, cancel_after=1.0)).model_dump_json()}")
-    say()
-    if embedded:
-        say("The embedded server stops now. To browse these orders afterwards, start `temporal server start-dev`")
-        say("in another terminal and run the demo again.")
+    async with server:
+        yield server.client
+        say()
+        say("The demo's own server stops now, and its web UI with it. To keep the orders for browsing,")
+        say("run `temporal server start-dev` in another terminal first, then the demo again.")
 
 
 # --- Command line ---
 
-ORDER_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
 
 def order_id_arg(value: str) -> str:
-    if not ORDER_ID.match(value):
-        raise argparse.ArgumentTypeError("use 1 to 64 letters, digits, '-' or '_'")
-    return value
+    """Check an order id with the same rule as OrderRequest, so a bad one is refused before any connection."""
+    try:
+        return TypeAdapter(OrderId).validate_python(value)
+    except ValidationError as err:
+        raise argparse.ArgumentTypeError(f"{value!r}: use 1 to 64 letters, digits, '-' or '_'") from err
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname)s] %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s [%(levelname)s] %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S"
+    )
     logging.getLogger("temporalio").setLevel(logging.WARNING)
     # Each jam is already logged by the brew service; the SDK would repeat it with a stack trace.
     logging.getLogger("temporalio.activity").setLevel(logging.ERROR)
@@ -666,6 +712,18 @@ async def run_order(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
+    try:
+        return run_command(args)
+    except ServerUnreachable as err:
+        print(f"coffee.py: no Temporal server answered at {err}.", file=sys.stderr)
+        print(
+            "Start one with `temporal server start-dev`, or run `python coffee.py demo`, which needs none.",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def run_command(args: argparse.Namespace) -> int:
     if args.command == "worker":
         asyncio.run(run_worker(ServiceSettings(args.brew_failure_rate, args.brew_seconds)))
         return 0

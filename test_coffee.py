@@ -1,0 +1,521 @@
+"""Tests for coffee.py. Both Temporal servers come from requirements.txt; nothing is started by hand.
+
+Retries and back-offs run on the time-skipping test server; what needs real timing
+(a query mid-brew, a cancel that reaches a running brew, the CLI) runs on one dev server.
+"""
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from pydantic import ValidationError
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowHandle
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
+from temporalio.worker import Replayer
+
+import coffee
+from coffee import (
+    BrewMachineJammed,
+    CoffeeActivities,
+    Drink,
+    OrderCoffeeWorkflow,
+    OrderRequest,
+    OrderResult,
+    OrderStatus,
+    Receipt,
+    ServiceFactory,
+    ServiceSettings,
+    Size,
+    StandardPricingStrategy,
+)
+
+# Async tests share one event loop, so that they can share the session's servers.
+on_session_loop = pytest.mark.asyncio(loop_scope="session")
+
+COFFEE_PY = str(Path(__file__).with_name("coffee.py"))
+LATTE_M = dict(drink=Drink.LATTE, size=Size.M)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def dev_server() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_local(
+        data_converter=pydantic_data_converter,
+        dev_server_existing_path=coffee.find_binary("temporal"),
+        dev_server_log_level="error",
+    )
+    async with env:
+        yield env
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def time_skipping() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_time_skipping(
+        data_converter=pydantic_data_converter,
+        test_server_existing_path=coffee.find_binary("temporal-test-server"),
+    )
+    async with env:
+        yield env
+
+
+def new_order(drink: Drink = Drink.LATTE, size: Size = Size.M) -> OrderRequest:
+    return OrderRequest(order_id=f"t-{uuid.uuid4().hex[:12]}", drink=drink, size=size)
+
+
+def settings(**overrides: object) -> ServiceSettings:
+    """Instant brews that never jam, unless a test says otherwise."""
+    return dataclasses.replace(ServiceSettings(brew_failure_rate=0.0, brew_seconds=0.0), **overrides)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def worker(client: Client, services: ServiceFactory, task_queue: str | None = None) -> AsyncIterator[str]:
+    """A worker on a fresh task queue, so that no test sees another's orders."""
+    queue = task_queue or f"test-{uuid.uuid4()}"
+    async with coffee.new_worker(client, services, task_queue=queue):
+        yield queue
+
+
+def start(
+    client: Client, order: OrderRequest, queue: str
+) -> "asyncio.Future[WorkflowHandle[OrderCoffeeWorkflow, OrderResult]]":
+    return asyncio.ensure_future(
+        client.start_workflow(
+            OrderCoffeeWorkflow.run, order, id=coffee.workflow_id_for(order.order_id), task_queue=queue
+        )
+    )
+
+
+def ledger(services: ServiceFactory, order: OrderRequest) -> list[tuple[str, int]]:
+    return [(e.kind, e.amount_cents) for e in services.payment.ledger if e.order_id == order.order_id]
+
+
+async def wait_for_status(handle: WorkflowHandle[OrderCoffeeWorkflow, OrderResult], status: OrderStatus) -> None:
+    async with asyncio.timeout(10):
+        while (await handle.query(OrderCoffeeWorkflow.get_status)).status != status:
+            await asyncio.sleep(0.05)
+
+
+# --- Models and pricing ---
+
+
+def test_medium_latte_costs_450_plus_75() -> None:
+    pricing = StandardPricingStrategy()
+    assert pricing.price_cents(Drink.LATTE, Size.M) == 525
+    assert pricing.price_cents(Drink.ESPRESSO, Size.M) == 450
+    assert pricing.price_cents(Drink.LATTE, Size.L) - pricing.price_cents(Drink.LATTE, Size.M) == 100
+
+
+def test_every_drink_and_size_has_a_price() -> None:
+    pricing = StandardPricingStrategy()
+    prices = {(d, s): pricing.price_cents(d, s) for d in Drink for s in Size}
+    assert all(p > 0 for p in prices.values())
+    # Bigger costs more, whatever the drink.
+    assert all(prices[d, Size.S] < prices[d, Size.M] < prices[d, Size.L] for d in Drink)
+
+
+@pytest.mark.parametrize(
+    "fields, bad_field",
+    [
+        ({"order_id": "", **LATTE_M}, "order_id"),
+        ({"order_id": "x" * 65, **LATTE_M}, "order_id"),
+        ({"order_id": "12 3", **LATTE_M}, "order_id"),
+        ({"order_id": "123", "drink": "tea", "size": "M"}, "drink"),
+        ({"order_id": "123", "drink": "latte", "size": "XL"}, "size"),
+    ],
+)
+def test_bad_orders_are_rejected_naming_the_field(fields: dict[str, str], bad_field: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        OrderRequest.model_validate(fields)
+    assert [e["loc"] for e in caught.value.errors()] == [(bad_field,)]
+
+
+def test_order_ids_may_use_letters_digits_dash_and_underscore() -> None:
+    assert OrderRequest(order_id="A-z_09" + "x" * 58, **LATTE_M).order_id.startswith("A-z_09")
+
+
+# --- Activities, through ActivityEnvironment ---
+
+
+def activity_env(workflow_id: str = "order-123", run_id: str = "run-1") -> ActivityEnvironment:
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, workflow_id=workflow_id, workflow_run_id=run_id)
+    return env
+
+
+@on_session_loop
+async def test_charge_is_priced_and_a_retry_never_charges_twice() -> None:
+    services = ServiceFactory(settings())
+    activities = CoffeeActivities(services)
+    order = OrderRequest(order_id="123", **LATTE_M)
+    env = activity_env()
+    assert await env.run(activities.charge_customer, order) == 525
+    retry = activity_env()
+    retry.info = dataclasses.replace(retry.info, attempt=2)
+    assert await retry.run(activities.charge_customer, order) == 525
+    assert ledger(services, order) == [("charge", 525)]
+
+
+@on_session_loop
+async def test_a_new_run_that_reuses_the_order_id_is_charged_again() -> None:
+    services = ServiceFactory(settings())
+    activities = CoffeeActivities(services)
+    order = OrderRequest(order_id="123", **LATTE_M)
+    await activity_env(run_id="run-1").run(activities.charge_customer, order)
+    await activity_env(run_id="run-2").run(activities.charge_customer, order)
+    assert ledger(services, order) == [("charge", 525), ("charge", 525)]
+
+
+@on_session_loop
+async def test_refund_returns_the_charge_once() -> None:
+    services = ServiceFactory(settings())
+    activities = CoffeeActivities(services)
+    order = OrderRequest(order_id="123", **LATTE_M)
+    env = activity_env()
+    await env.run(activities.charge_customer, order)
+    assert await env.run(activities.refund_customer, order) == 525
+    assert await env.run(activities.refund_customer, order) == 525  # a retry reports the same refund
+    assert ledger(services, order) == [("charge", 525), ("refund", 525)]
+
+
+@on_session_loop
+async def test_refund_without_a_charge_moves_no_money() -> None:
+    services = ServiceFactory(settings())
+    order = OrderRequest(order_id="123", **LATTE_M)
+    assert await activity_env().run(CoffeeActivities(services).refund_customer, order) == 0
+    assert services.payment.ledger == []
+
+
+@on_session_loop
+async def test_brew_heartbeats_and_returns_its_attempt(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    activities = CoffeeActivities(ServiceFactory(settings(brew_seconds=0.3)))
+    env = activity_env()
+    env.info = dataclasses.replace(env.info, attempt=3)
+    beats: list[object] = []
+    env.on_heartbeat = lambda *details: beats.append(details)
+    assert await env.run(activities.brew_coffee, OrderRequest(order_id="123", **LATTE_M)) == 3
+    assert beats
+    assert "Brewing latte (M) for order 123" in caplog.messages
+    assert "Brew complete for order 123" in caplog.messages
+
+
+@on_session_loop
+async def test_brew_jams_at_the_configured_rate(caplog: pytest.LogCaptureFixture) -> None:
+    activities = CoffeeActivities(ServiceFactory(settings(brew_failure_rate=1.0)))
+    with pytest.raises(BrewMachineJammed, match="Brew machine jammed for order 123!"):
+        await activity_env().run(activities.brew_coffee, OrderRequest(order_id="123", **LATTE_M))
+    assert "Brew machine jammed for order 123!" in caplog.messages
+
+
+@on_session_loop
+async def test_a_forced_jam_hits_only_the_first_attempt() -> None:
+    activities = CoffeeActivities(ServiceFactory(settings(jam_first_attempt_of=frozenset({"123"}))))
+    order = OrderRequest(order_id="123", **LATTE_M)
+    with pytest.raises(BrewMachineJammed):
+        await activity_env().run(activities.brew_coffee, order)
+    second = activity_env()
+    second.info = dataclasses.replace(second.info, attempt=2)
+    assert await second.run(activities.brew_coffee, order) == 2
+
+
+@on_session_loop
+async def test_a_cancelled_brew_stops_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    activities = CoffeeActivities(ServiceFactory(settings(brew_seconds=30)))
+    env = activity_env()
+    brewing = asyncio.create_task(env.run(activities.brew_coffee, OrderRequest(order_id="123", **LATTE_M)))
+    await asyncio.sleep(0.2)
+    env.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(2):
+            await brewing
+    assert "Brew stopped for order 123" in caplog.messages
+
+
+@on_session_loop
+async def test_receipt_names_the_order_and_amount(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    activities = CoffeeActivities(ServiceFactory(settings()))
+    receipt = Receipt(order=OrderRequest(order_id="123", **LATTE_M), amount_cents=525)
+    await activity_env().run(activities.send_receipt, receipt)
+    assert "Receipt sent for order 123: latte (M), 525 cents" in caplog.messages
+
+
+def test_the_factory_builds_each_service_once() -> None:
+    services = ServiceFactory(settings())
+    assert services.payment is services.payment
+    assert services.brewing is services.brewing
+    assert services.notification is services.notification
+    assert services.pricing is services.pricing
+
+
+# --- The workflow, on the time-skipping server ---
+
+
+@on_session_loop
+async def test_happy_path_charges_525_brews_and_sends_the_receipt(time_skipping: WorkflowEnvironment) -> None:
+    services = ServiceFactory(settings())
+    order = new_order()
+    async with worker(time_skipping.client, services) as queue:
+        handle = await start(time_skipping.client, order, queue)
+        result = await handle.result()
+    assert result == OrderResult(
+        order_id=order.order_id,
+        status=OrderStatus.COMPLETED,
+        charged=True,
+        brewed=True,
+        receipt_sent=True,
+        amount_cents=525,
+        refunded=False,
+    )
+    assert ledger(services, order) == [("charge", 525)]
+
+
+@on_session_loop
+async def test_the_recorded_history_holds_the_seed_retry_policy_and_timeouts(
+    time_skipping: WorkflowEnvironment,
+) -> None:
+    order = new_order()
+    async with worker(time_skipping.client, ServiceFactory(settings())) as queue:
+        handle = await start(time_skipping.client, order, queue)
+        await handle.result()
+        history = await handle.fetch_history()
+    scheduled = {
+        e.activity_task_scheduled_event_attributes.activity_type.name: e.activity_task_scheduled_event_attributes
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    }
+    assert list(scheduled) == ["charge_customer", "brew_coffee", "send_receipt"]
+    for attributes in scheduled.values():
+        policy = attributes.retry_policy
+        assert (policy.maximum_attempts, policy.initial_interval.seconds, policy.backoff_coefficient) == (5, 1, 2.0)
+        assert attributes.start_to_close_timeout.seconds > 0
+    assert scheduled["brew_coffee"].heartbeat_timeout.seconds == 2
+
+
+@on_session_loop
+async def test_a_jam_is_retried_and_the_order_completes(time_skipping: WorkflowEnvironment) -> None:
+    order = new_order()
+    services = ServiceFactory(settings(jam_first_attempt_of=frozenset({order.order_id})))
+    async with worker(time_skipping.client, services) as queue:
+        handle = await start(time_skipping.client, order, queue)
+        result = await handle.result()
+        state = await handle.query(OrderCoffeeWorkflow.get_status)
+    assert (result.status, result.brewed, result.amount_cents) == (OrderStatus.COMPLETED, True, 525)
+    assert state.brew_attempts == 2
+    assert ledger(services, order) == [("charge", 525)]
+
+
+@on_session_loop
+async def test_five_jams_fail_the_order_and_refund_the_charge(time_skipping: WorkflowEnvironment) -> None:
+    services = ServiceFactory(settings(brew_failure_rate=1.0))
+    order = new_order()
+    started = time.monotonic()
+    async with worker(time_skipping.client, services) as queue:
+        handle = await start(time_skipping.client, order, queue)
+        result = await handle.result()
+        state = await handle.query(OrderCoffeeWorkflow.get_status)
+    # 1 + 2 + 4 + 8 s of back-off between the five attempts, skipped rather than slept.
+    assert time.monotonic() - started < 10
+    assert (result.status, result.brewed, result.refunded) == (OrderStatus.FAILED, False, True)
+    assert state.last_error == f"BrewMachineJammed: Brew machine jammed for order {order.order_id}!"
+    assert ledger(services, order) == [("charge", 525), ("refund", 525)]
+
+
+@on_session_loop
+async def test_the_workflow_replays_deterministically(time_skipping: WorkflowEnvironment) -> None:
+    order = new_order()
+    services = ServiceFactory(settings(jam_first_attempt_of=frozenset({order.order_id})))
+    async with worker(time_skipping.client, services) as queue:
+        handle = await start(time_skipping.client, order, queue)
+        await handle.result()
+        history = await handle.fetch_history()
+    replayer = Replayer(workflows=[OrderCoffeeWorkflow], data_converter=pydantic_data_converter)
+    replay = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    assert replay.replay_failure is None
+
+
+# --- The workflow, on the dev server: a live query and a cancel that reaches a running brew ---
+
+
+@on_session_loop
+async def test_get_status_reports_the_order_while_it_brews(dev_server: WorkflowEnvironment) -> None:
+    order = new_order(Drink.MOCHA, Size.L)
+    async with worker(dev_server.client, ServiceFactory(settings(brew_seconds=1.0))) as queue:
+        handle = await start(dev_server.client, order, queue)
+        await wait_for_status(handle, OrderStatus.BREWING)
+        state = await handle.query("get_status")  # by name, as any other client would
+        assert state["status"] == "BREWING"
+        assert state["amount_cents"] == 650
+        assert state["charged"] is True
+        assert state["brewed"] is False
+        assert state["history"] == ["RECEIVED", "CHARGING", "Charged 650 cents", "BREWING"]
+        result = await handle.result()
+        final = await handle.query(OrderCoffeeWorkflow.get_status)
+    assert result.status == OrderStatus.COMPLETED
+    assert final.history[-3:] == ["SENDING_RECEIPT", "Receipt sent", "COMPLETED"]
+    assert final.brew_attempts == 1
+
+
+@on_session_loop
+async def test_cancel_mid_brew_stops_the_brew_and_refunds(dev_server: WorkflowEnvironment) -> None:
+    services = ServiceFactory(settings(brew_seconds=20.0))
+    order = new_order(Drink.ESPRESSO, Size.S)
+    async with worker(dev_server.client, services) as queue:
+        handle = await start(dev_server.client, order, queue)
+        await wait_for_status(handle, OrderStatus.BREWING)
+        await handle.signal("cancel_order")
+        async with asyncio.timeout(5):  # far less than the 20 s brew: it was stopped, not finished
+            result = await handle.result()
+        history = await handle.fetch_history()
+    assert (result.status, result.charged, result.brewed, result.refunded) == (OrderStatus.CANCELLED, True, False, True)
+    assert ledger(services, order) == [("charge", 350), ("refund", 350)]
+    events = [e.event_type for e in history.events]
+    # The refund was scheduled only after the brew had reported itself cancelled.
+    cancelled = events.index(EventType.EVENT_TYPE_ACTIVITY_TASK_CANCELED)
+    refund = [
+        i
+        for i, e in enumerate(history.events)
+        if e.activity_task_scheduled_event_attributes.activity_type.name == "refund_customer"
+    ]
+    assert refund and refund[0] > cancelled
+
+
+# --- The command line, as a user runs it ---
+
+
+async def run_cli(*args: str, address: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        COFFEE_PY,
+        *args,
+        env={**os.environ, "TEMPORAL_ADDRESS": address},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def dev_address(env: WorkflowEnvironment) -> str:
+    return env.client.service_client.config.target_host
+
+
+@on_session_loop
+async def test_order_prints_the_seed_result_as_json(dev_server: WorkflowEnvironment) -> None:
+    services = ServiceFactory(settings())
+    async with worker(dev_server.client, services, task_queue=coffee.TASK_QUEUE):
+        order_id = f"cli-{uuid.uuid4().hex[:8]}"
+        code, out, err = await run_cli(
+            "order", "--order-id", order_id, "--drink", "latte", "--size", "M", address=dev_address(dev_server)
+        )
+    assert code == 0, err
+    assert OrderResult.model_validate_json(out) == OrderResult(
+        order_id=order_id,
+        status=OrderStatus.COMPLETED,
+        charged=True,
+        brewed=True,
+        receipt_sent=True,
+        amount_cents=525,
+        refunded=False,
+    )
+    assert list(OrderResult.model_validate_json(out).model_dump()) == [
+        "order_id", "status", "charged", "brewed", "receipt_sent", "amount_cents", "refunded"
+    ]  # fmt: skip
+
+
+@on_session_loop
+async def test_order_query_prints_each_state_then_the_result(dev_server: WorkflowEnvironment) -> None:
+    async with worker(dev_server.client, ServiceFactory(settings(brew_seconds=0.5)), task_queue=coffee.TASK_QUEUE):
+        code, out, err = await run_cli(
+            "order", "--order-id", f"cli-{uuid.uuid4().hex[:8]}", "--drink", "mocha", "--size", "L", "--query",
+            address=dev_address(dev_server),
+        )  # fmt: skip
+    assert code == 0, err
+    *states, result = out.split("\n{")
+    assert '"status":"BREWING"' in "".join(states)
+    assert '"status": "COMPLETED"' in result
+    assert '"amount_cents": 650' in result
+
+
+@on_session_loop
+async def test_order_cancel_after_refunds_a_brewing_espresso(dev_server: WorkflowEnvironment) -> None:
+    services = ServiceFactory(settings(brew_seconds=20))
+    async with worker(dev_server.client, services, task_queue=coffee.TASK_QUEUE):
+        code, out, err = await run_cli(
+            "order", "--order-id", f"cli-{uuid.uuid4().hex[:8]}", "--drink", "espresso", "--size", "S",
+            "--cancel-after", "0.5", address=dev_address(dev_server),
+        )  # fmt: skip
+    assert code == 0, err
+    result = OrderResult.model_validate_json(out)
+    assert (result.status, result.brewed, result.refunded, result.amount_cents) == ("CANCELLED", False, True, 350)
+
+
+@on_session_loop
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["order", "--order-id", "1", "--drink", "tea", "--size", "M"], "invalid choice: 'tea'"),
+        (["order", "--order-id", "1", "--drink", "latte", "--size", "XL"], "invalid choice: 'XL'"),
+        (["order", "--order-id", "no spaces", "--drink", "latte", "--size", "M"], "1 to 64 letters"),
+        (["brew"], "invalid choice: 'brew'"),
+    ],
+)
+async def test_bad_input_exits_2_with_a_message(args: list[str], message: str) -> None:
+    code, out, err = await run_cli(*args, address="127.0.0.1:1")
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err + out
+
+
+@on_session_loop
+async def test_order_without_a_server_says_how_to_get_one() -> None:
+    code, out, err = await run_cli("order", "--order-id", "1", "--drink", "latte", "--size", "M", address="127.0.0.1:1")
+    assert code == 1
+    assert err.splitlines() == [
+        "coffee.py: no Temporal server answered at 127.0.0.1:1.",
+        "Start one with `temporal server start-dev`, or run `python coffee.py demo`, which needs none.",
+    ]
+    assert out == ""
+
+
+@on_session_loop
+async def test_demo_runs_three_orders_on_its_own_server_and_leaves_none_behind(
+    dev_server: WorkflowEnvironment,
+) -> None:
+    servers_before = dev_servers_running()
+    assert servers_before >= 1  # the session's own, so the count is known to see dev servers
+    code, out, err = await run_cli("demo", address="127.0.0.1:1")
+    output = out + err
+    assert code == 0, output
+    assert "Traceback" not in output
+    assert "No Temporal server answered at 127.0.0.1:1, so the demo starts its own" in output
+    assert "Brew machine jammed for order latte-" in output
+    assert '"status":"COMPLETED"' in output and '"amount_cents":525' in output
+    assert "payment ledger: charge 525\n" in output
+    assert "get_status: BREWING" in output and '"amount_cents":650' in output
+    assert '"status":"CANCELLED"' in output and '"refunded":true' in output
+    assert "Brew stopped for order espresso-" in output
+    assert "payment ledger: charge 350, refund 350\n" in output
+    assert dev_servers_running() == servers_before
+
+
+def dev_servers_running() -> int:
+    count = 0
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):  # the process may have ended meanwhile
+            count += b"server\0start-dev" in cmdline.read_bytes()
+    return count
