@@ -35,7 +35,7 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.common import RetryPolicy
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.envconfig import ClientConfig
-from temporalio.exceptions import ActivityError, is_cancelled_exception
+from temporalio.exceptions import ActivityError, CancelledError, is_cancelled_exception
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -323,6 +323,8 @@ STEP_TIMEOUT = timedelta(seconds=10)
 BREW_TIMEOUT = timedelta(minutes=2)
 # Heartbeats are sent at most every 0.8 x this, and a cancel reaches the brew only with one.
 BREW_HEARTBEAT_TIMEOUT = timedelta(seconds=2)
+# On cancel, wait until a step has really stopped, so that no charge or brew lands after the refund.
+WAIT_UNTIL_STOPPED = workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
 
 
 @workflow.defn
@@ -333,46 +335,57 @@ class OrderCoffeeWorkflow:
     def __init__(self, order: OrderRequest) -> None:
         self._order = order
         self._state = OrderState(status=OrderStatus.RECEIVED, history=["RECEIVED"], updated_at=workflow.now())
+        self._charge_started = False
         self._brew: workflow.ActivityHandle[int] | None = None
 
     @workflow.run
     async def run(self, order: OrderRequest) -> OrderResult:
         try:
-            if not self._state.cancel_requested:
+            if not self._cancel_wanted():
                 await self._charge()
-            if not self._state.cancel_requested:
+            if not self._cancel_wanted():
                 await self._brew_coffee()
         except ActivityError as err:
             if not is_cancelled_exception(err):
-                self._state.last_error = str(err.cause or err)
-        if not self._state.brewed:
-            await self._refund()
-            return self._finish(OrderStatus.CANCELLED if self._state.cancel_requested else OrderStatus.FAILED)
-        await self._send_receipt()
-        return self._finish(OrderStatus.COMPLETED)
+                self._state.last_error = str(err.cause or err)  # the charge or the brew gave up
+        if self._state.brewed:
+            await self._send_receipt()
+            return self._finish(OrderStatus.COMPLETED)
+        await self._refund()
+        if workflow.cancellation_reason() is not None:
+            # Cancelled from outside (CLI, web UI, handle.cancel()): now that the money is back, end as cancelled.
+            self._move(OrderStatus.CANCELLED)
+            raise CancelledError("Order cancelled")
+        return self._finish(OrderStatus.CANCELLED if self._state.cancel_requested else OrderStatus.FAILED)
 
     @workflow.signal
     def cancel_order(self) -> None:
-        if self._state.brewed or self._state.status in (OrderStatus.CANCELLED, OrderStatus.FAILED):
-            self._note("Cancel request declined: too late")
+        if self._state.cancel_requested:
+            return
+        if self._state.status not in (OrderStatus.RECEIVED, OrderStatus.CHARGING, OrderStatus.BREWING):
+            self._note(f"Cancel request declined: the order is already {self._state.status.value}")
             return
         self._state.cancel_requested = True
         self._note("Cancel requested")
         if self._brew is not None:
-            # The brew learns of this at its next heartbeat; the workflow waits until it has stopped.
-            self._brew.cancel()
+            self._brew.cancel()  # The brew hears of it at its next heartbeat.
 
     @workflow.query
     def get_status(self) -> OrderState:
         return self._state
 
+    def _cancel_wanted(self) -> bool:
+        return self._state.cancel_requested or workflow.cancellation_reason() is not None
+
     async def _charge(self) -> None:
         self._move(OrderStatus.CHARGING)
+        self._charge_started = True
         self._state.amount_cents = await workflow.execute_activity_method(
             CoffeeActivities.charge_customer,
             self._order,
             start_to_close_timeout=STEP_TIMEOUT,
             retry_policy=STEP_RETRY_POLICY,
+            cancellation_type=WAIT_UNTIL_STOPPED,
         )
         self._state.charged = True
         self._note(f"Charged {self._state.amount_cents} cents")
@@ -385,12 +398,13 @@ class OrderCoffeeWorkflow:
             start_to_close_timeout=BREW_TIMEOUT,
             heartbeat_timeout=BREW_HEARTBEAT_TIMEOUT,
             retry_policy=STEP_RETRY_POLICY,
-            # On cancel, wait for the brew to really stop before refunding.
-            cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            cancellation_type=WAIT_UNTIL_STOPPED,
         )
         self._state.brew_attempts = await self._brew
         self._state.brewed = True
         self._note(f"Brewed {self._order.drink} ({self._order.size}) on attempt {self._state.brew_attempts}")
+        if self._cancel_wanted():
+            self._note("Cancel request declined: the coffee was already brewed")
 
     async def _send_receipt(self) -> None:
         self._move(OrderStatus.SENDING_RECEIPT)
@@ -400,24 +414,31 @@ class OrderCoffeeWorkflow:
                 Receipt(order=self._order, amount_cents=self._state.amount_cents),
                 start_to_close_timeout=STEP_TIMEOUT,
                 retry_policy=STEP_RETRY_POLICY,
+                cancellation_type=WAIT_UNTIL_STOPPED,
             )
         except ActivityError as err:
             # The customer has the coffee and paid for it; a lost receipt does not undo that.
-            self._state.last_error = str(err.cause or err)
+            if not is_cancelled_exception(err):
+                self._state.last_error = str(err.cause or err)
             return
         self._state.receipt_sent = True
         self._note("Receipt sent")
 
     async def _refund(self) -> None:
-        if not self._state.charged:
+        # Refund by the charge's key even if the charge seemed to fail: its last attempt may have gone through.
+        if not self._charge_started:
             return
         self._move(OrderStatus.REFUNDING)
-        refunded = await workflow.execute_activity_method(
+        refund = workflow.start_activity_method(
             CoffeeActivities.refund_customer,
             self._order,
             start_to_close_timeout=STEP_TIMEOUT,
             retry_policy=REFUND_RETRY_POLICY,
         )
+        try:
+            refunded = await asyncio.shield(refund)
+        except asyncio.CancelledError:
+            refunded = await refund  # A cancel from outside must not stop a refund: finish it first.
         self._state.refunded = refunded > 0
         self._note(f"Refunded {refunded} cents")
 
@@ -460,21 +481,13 @@ def new_worker(client: Client, services: ServiceFactory, task_queue: str = TASK_
 async def run_worker(settings: ServiceSettings) -> None:
     client = await connect()
     log = logging.getLogger("coffee.worker")
-    async with new_worker(client, ServiceFactory(settings)):
-        log.info(
-            "Worker polling task queue %r on %s; Ctrl-C to stop", TASK_QUEUE, client.service_client.config.target_host
-        )
-        await wait_for_stop_signal()
-        log.info("Stopping: letting running activities finish")
-    log.info("Worker stopped")
-
-
-async def wait_for_stop_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    try:
+        async with new_worker(client, ServiceFactory(settings)):
+            target = client.service_client.config.target_host
+            log.info("Worker polling task queue %r on %s; Ctrl-C to stop", TASK_QUEUE, target)
+            await asyncio.Event().wait()  # until Ctrl-C or SIGTERM cancels this task
+    finally:
+        log.info("Worker stopped")
 
 
 # --- Client: start an order, follow it, cancel it ---
@@ -661,7 +674,7 @@ async def demo_client() -> AsyncIterator[Client]:
         yield server.client
         say()
         say("The demo's own server stops now, and its web UI with it. To keep the orders for browsing,")
-        say("run `temporal server start-dev` in another terminal first, then the demo again.")
+        say(f"run `{temporal_cli()} server start-dev` in another terminal first, then the demo again.")
 
 
 # --- Command line ---
@@ -704,7 +717,12 @@ async def run_order(args: argparse.Namespace) -> int:
     order = OrderRequest(order_id=args.order_id, drink=args.drink, size=args.size)
     client = await connect()
     on_change = (lambda state, _: print(state.model_dump_json(), flush=True)) if args.query else None
-    result = await place_order(client, order, on_change=on_change, cancel_after=args.cancel_after)
+    try:
+        result = await place_order(client, order, on_change=on_change, cancel_after=args.cancel_after)
+    except asyncio.CancelledError:
+        workflow_id = workflow_id_for(order.order_id)
+        print(f"Stopped waiting. The order goes on; see it with `{temporal_cli()} workflow show -w {workflow_id}`.")
+        raise
     print(result.model_dump_json(indent=2))
     return 1 if result.status == OrderStatus.FAILED else 0
 
@@ -713,26 +731,43 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     try:
-        return run_command(args)
+        return asyncio.run(stoppable(run_command(args)))
     except ServerUnreachable as err:
         print(f"coffee.py: no Temporal server answered at {err}.", file=sys.stderr)
         print(
-            "Start one with `temporal server start-dev`, or run `python coffee.py demo`, which needs none.",
+            f"Start one with `{temporal_cli()} server start-dev`, or run `python coffee.py demo`, which needs none.",
             file=sys.stderr,
         )
         return 1
+    except asyncio.CancelledError:
+        return 0 if args.command == "worker" else 130  # stopping is how a worker ends; the others were cut short
 
 
-def run_command(args: argparse.Namespace) -> int:
+async def stoppable(command: Awaitable[int]) -> int:
+    """Let Ctrl-C and SIGTERM cancel the command, so that each `async with` in it cleans up, servers included."""
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
+    return await command
+
+
+async def run_command(args: argparse.Namespace) -> int:
     if args.command == "worker":
-        asyncio.run(run_worker(ServiceSettings(args.brew_failure_rate, args.brew_seconds)))
+        await run_worker(ServiceSettings(args.brew_failure_rate, args.brew_seconds))
         return 0
     if args.command == "order":
-        return asyncio.run(run_order(args))
+        return await run_order(args)
     started = time.monotonic()
-    asyncio.run(run_demo())
+    await run_demo()
     say(f"Demo took {time.monotonic() - started:.1f} s.")
     return 0
+
+
+def temporal_cli() -> str:
+    """How to call the `temporal` CLI from here: by its path when it is in a venv that is not activated."""
+    found = find_binary("temporal")
+    return os.path.relpath(found) if found and found != shutil.which("temporal") else "temporal"
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -19,11 +20,13 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from pydantic import ValidationError
+from temporalio import activity
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
-from temporalio.worker import Replayer
+from temporalio.worker import Replayer, Worker
 
 import coffee
 from coffee import (
@@ -392,6 +395,94 @@ async def test_cancel_mid_brew_stops_the_brew_and_refunds(dev_server: WorkflowEn
     assert refund and refund[0] > cancelled
 
 
+@on_session_loop
+async def test_a_cancel_from_outside_refunds_then_ends_the_workflow_cancelled(dev_server: WorkflowEnvironment) -> None:
+    services = ServiceFactory(settings(brew_seconds=20.0))
+    order = new_order(Drink.ESPRESSO, Size.S)
+    async with worker(dev_server.client, services) as queue:
+        handle = await start(dev_server.client, order, queue)
+        await wait_for_status(handle, OrderStatus.BREWING)
+        await handle.cancel()  # what `temporal workflow cancel` and the web UI's Cancel button do
+        with pytest.raises(WorkflowFailureError) as caught:
+            async with asyncio.timeout(5):
+                await handle.result()
+        state = await handle.query(OrderCoffeeWorkflow.get_status)
+    assert isinstance(caught.value.cause, CancelledError)
+    assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
+    assert (state.status, state.brewed, state.refunded) == (OrderStatus.CANCELLED, False, True)
+    assert ledger(services, order) == [("charge", 350), ("refund", 350)]
+
+
+@on_session_loop
+async def test_a_cancel_from_outside_does_not_stop_a_refund_that_is_retrying(dev_server: WorkflowEnvironment) -> None:
+    services = ServiceFactory(settings(brew_seconds=20.0))
+    activities = CoffeeActivities(services)
+    refund_attempts = 0
+
+    @activity.defn(name="refund_customer")
+    async def refund_that_fails_once(order: OrderRequest) -> int:
+        nonlocal refund_attempts
+        refund_attempts += 1
+        if refund_attempts == 1:
+            raise RuntimeError("payment provider briefly unavailable")
+        return await activities.refund_customer(order)
+
+    order = new_order(Drink.ESPRESSO, Size.S)
+    queue = f"test-{uuid.uuid4()}"
+    mocked = [activities.charge_customer, activities.brew_coffee, activities.send_receipt, refund_that_fails_once]
+    async with Worker(dev_server.client, task_queue=queue, workflows=[OrderCoffeeWorkflow], activities=mocked):
+        handle = await start(dev_server.client, order, queue)
+        await wait_for_status(handle, OrderStatus.BREWING)
+        await handle.signal(OrderCoffeeWorkflow.cancel_order)
+        await wait_for_status(handle, OrderStatus.REFUNDING)
+        await handle.cancel()  # lands while the refund waits 1 s for its second attempt
+        with pytest.raises(WorkflowFailureError):
+            async with asyncio.timeout(10):
+                await handle.result()
+    assert refund_attempts == 2
+    assert ledger(services, order) == [("charge", 350), ("refund", 350)]
+
+
+@on_session_loop
+async def test_a_cancel_before_the_charge_moves_no_money(time_skipping: WorkflowEnvironment) -> None:
+    services = ServiceFactory(settings())
+    order = new_order()
+    queue = f"test-{uuid.uuid4()}"
+    handle = await start(time_skipping.client, order, queue)
+    await handle.signal(OrderCoffeeWorkflow.cancel_order)  # no worker yet, so the order has not begun
+    async with worker(time_skipping.client, services, task_queue=queue):
+        result = await handle.result()
+    assert (result.status, result.charged, result.refunded) == (OrderStatus.CANCELLED, False, False)
+    assert services.payment.ledger == []
+
+
+@on_session_loop
+async def test_a_cancel_after_brewing_is_declined_and_the_order_completes(dev_server: WorkflowEnvironment) -> None:
+    services = ServiceFactory(settings())
+    activities = CoffeeActivities(services)
+    receipt_started, release_receipt = asyncio.Event(), asyncio.Event()
+
+    @activity.defn(name="send_receipt")
+    async def slow_receipt(receipt: Receipt) -> None:
+        receipt_started.set()
+        await release_receipt.wait()
+
+    order = new_order()
+    queue = f"test-{uuid.uuid4()}"
+    mocked = [activities.charge_customer, activities.brew_coffee, slow_receipt, activities.refund_customer]
+    async with Worker(dev_server.client, task_queue=queue, workflows=[OrderCoffeeWorkflow], activities=mocked):
+        handle = await start(dev_server.client, order, queue)
+        await receipt_started.wait()
+        await handle.signal(OrderCoffeeWorkflow.cancel_order)
+        await asyncio.sleep(0.2)  # let the worker take the signal while the receipt is still out
+        release_receipt.set()
+        result = await handle.result()
+        state = await handle.query(OrderCoffeeWorkflow.get_status)
+    assert (result.status, result.brewed, result.refunded) == (OrderStatus.COMPLETED, True, False)
+    assert "Cancel request declined: the order is already SENDING_RECEIPT" in state.history
+    assert ledger(services, order) == [("charge", 525)]
+
+
 # --- The command line, as a user runs it ---
 
 
@@ -465,6 +556,47 @@ async def test_order_cancel_after_refunds_a_brewing_espresso(dev_server: Workflo
 
 
 @on_session_loop
+async def test_order_exits_1_when_the_order_fails(dev_server: WorkflowEnvironment) -> None:
+    activities = CoffeeActivities(ServiceFactory(settings()))
+
+    @activity.defn(name="brew_coffee")
+    async def broken_brew(order: OrderRequest) -> int:
+        raise ApplicationError("The machine is out of order", non_retryable=True)
+
+    mocked = [activities.charge_customer, broken_brew, activities.send_receipt, activities.refund_customer]
+    async with Worker(
+        dev_server.client, task_queue=coffee.TASK_QUEUE, workflows=[OrderCoffeeWorkflow], activities=mocked
+    ):
+        code, out, err = await run_cli(
+            "order", "--order-id", f"cli-{uuid.uuid4().hex[:8]}", "--drink", "latte", "--size", "M",
+            address=dev_address(dev_server),
+        )  # fmt: skip
+    assert code == 1, err
+    result = OrderResult.model_validate_json(out)
+    assert (result.status, result.charged, result.brewed, result.refunded) == ("FAILED", True, False, True)
+
+
+@on_session_loop
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+async def test_the_worker_stops_cleanly_on_ctrl_c_and_sigterm(
+    dev_server: WorkflowEnvironment, stop_signal: signal.Signals
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, COFFEE_PY, "worker",
+        env={**os.environ, "TEMPORAL_ADDRESS": dev_address(dev_server)},
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    async with asyncio.timeout(20):
+        assert b"Worker polling task queue 'coffee-orders'" in await process.stderr.readline()
+        process.send_signal(stop_signal)
+        log = (await process.stderr.read()).decode()
+        assert await process.wait() == 0
+    assert log.splitlines()[-1].endswith("coffee.worker: Worker stopped")
+    assert "Traceback" not in log
+
+
+@on_session_loop
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -487,7 +619,7 @@ async def test_order_without_a_server_says_how_to_get_one() -> None:
     assert code == 1
     assert err.splitlines() == [
         "coffee.py: no Temporal server answered at 127.0.0.1:1.",
-        "Start one with `temporal server start-dev`, or run `python coffee.py demo`, which needs none.",
+        f"Start one with `{coffee.temporal_cli()} server start-dev`, or run `python coffee.py demo`, which needs none.",
     ]
     assert out == ""
 
@@ -510,6 +642,7 @@ async def test_demo_runs_three_orders_on_its_own_server_and_leaves_none_behind(
     assert '"status":"CANCELLED"' in output and '"refunded":true' in output
     assert "Brew stopped for order espresso-" in output
     assert "payment ledger: charge 350, refund 350\n" in output
+    assert "/namespaces/default/workflows/order-latte-" in output  # each order's link in the web UI
     assert dev_servers_running() == servers_before
 
 
@@ -519,3 +652,24 @@ def dev_servers_running() -> int:
         with contextlib.suppress(OSError):  # the process may have ended meanwhile
             count += b"server\0start-dev" in cmdline.read_bytes()
     return count
+
+
+@on_session_loop
+async def test_the_demo_uses_a_server_that_answers(
+    dev_server: WorkflowEnvironment, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TEMPORAL_ADDRESS", dev_address(dev_server))
+    servers_before = dev_servers_running()
+    async with coffee.demo_client() as client:
+        assert client.service_client.config.target_host == dev_address(dev_server)
+        assert dev_servers_running() == servers_before
+    assert f"Using the Temporal server at {dev_address(dev_server)}." in capsys.readouterr().out
+
+
+def test_web_ui_links() -> None:
+    assert coffee.web_ui_url("localhost:7233", "default") == "http://localhost:8233/namespaces/default/workflows"
+    assert coffee.web_ui_url("127.0.0.1:40001", "dev") == "http://127.0.0.1:41001/namespaces/dev/workflows"
+    assert (
+        coffee.web_ui_url("shop.a1b2c.tmprl.cloud:7233", "shop.a1b2c")
+        == "https://cloud.temporal.io/namespaces/shop.a1b2c/workflows"
+    )
