@@ -759,7 +759,11 @@ async def run_command(args: argparse.Namespace) -> int:
     if args.command == "order":
         return await run_order(args)
     started = time.monotonic()
-    await run_demo()
+    try:
+        await run_demo()
+    except asyncio.CancelledError:
+        say("Demo stopped.")
+        raise
     say(f"Demo took {time.monotonic() - started:.1f} s.")
     return 0
 
