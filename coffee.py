@@ -31,7 +31,7 @@ from typing import Annotated, Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from temporalio import activity, workflow
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.common import RetryPolicy
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.envconfig import ClientConfig
@@ -108,6 +108,10 @@ class OrderResult(BaseModel):
     receipt_sent: bool
     amount_cents: int
     refunded: bool
+
+    @classmethod
+    def from_state(cls, order_id: str, state: OrderState) -> "OrderResult":
+        return cls(order_id=order_id, **state.model_dump(include=set(cls.model_fields)))
 
 
 class Receipt(BaseModel):
@@ -444,16 +448,7 @@ class OrderCoffeeWorkflow:
 
     def _finish(self, status: OrderStatus) -> OrderResult:
         self._move(status)
-        s = self._state
-        return OrderResult(
-            order_id=self._order.order_id,
-            status=s.status,
-            charged=s.charged,
-            brewed=s.brewed,
-            receipt_sent=s.receipt_sent,
-            amount_cents=s.amount_cents,
-            refunded=s.refunded,
-        )
+        return OrderResult.from_state(self._order.order_id, self._state)
 
     def _move(self, status: OrderStatus) -> None:
         self._state.status = status
@@ -524,14 +519,23 @@ async def place_order(
     handle = await client.start_workflow(
         OrderCoffeeWorkflow.run, order, id=workflow_id_for(order.order_id), task_queue=task_queue
     )
-    async with asyncio.TaskGroup() as helpers:
-        if on_change is not None:
-            helpers.create_task(follow_state(handle, on_change))
-        canceller = helpers.create_task(cancel_later(handle, cancel_after)) if cancel_after is not None else None
-        result = await handle.result()
-        if canceller is not None:
-            canceller.cancel()  # The order has ended; there is nothing left to cancel.
-    return result
+    follower = asyncio.create_task(follow_state(handle, on_change)) if on_change else None
+    canceller = asyncio.create_task(cancel_later(handle, cancel_after)) if cancel_after is not None else None
+    try:
+        try:
+            result = await handle.result()
+        except WorkflowFailureError as err:
+            if not isinstance(err.cause, CancelledError):
+                raise
+            # Cancelled from outside, which ends a workflow without a result: report its final state instead.
+            result = OrderResult.from_state(order.order_id, await handle.query(OrderCoffeeWorkflow.get_status))
+        if follower:
+            await follower  # It stops by itself once it has seen the order end.
+        return result
+    finally:
+        for task in (follower, canceller):
+            if task:
+                task.cancel()
 
 
 FINAL_STATUSES = (OrderStatus.COMPLETED, OrderStatus.CANCELLED, OrderStatus.FAILED)

@@ -25,6 +25,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError, CancelledError
+from temporalio.service import RPCError
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Replayer, Worker
 
@@ -553,6 +554,36 @@ async def test_order_cancel_after_refunds_a_brewing_espresso(dev_server: Workflo
     assert code == 0, err
     result = OrderResult.model_validate_json(out)
     assert (result.status, result.brewed, result.refunded, result.amount_cents) == ("CANCELLED", False, True, 350)
+
+
+@on_session_loop
+async def test_order_reports_a_cancel_from_outside_as_cancelled(dev_server: WorkflowEnvironment) -> None:
+    services = ServiceFactory(settings(brew_seconds=20))
+    order_id = f"cli-{uuid.uuid4().hex[:8]}"
+    async with worker(dev_server.client, services, task_queue=coffee.TASK_QUEUE):
+        cli = asyncio.create_task(
+            run_cli("order", "--order-id", order_id, "--drink", "latte", "--size", "M", address=dev_address(dev_server))
+        )
+        handle = dev_server.client.get_workflow_handle_for(OrderCoffeeWorkflow.run, f"order-{order_id}")
+        async with asyncio.timeout(10):
+            while not await workflow_exists(handle):
+                await asyncio.sleep(0.05)
+        await wait_for_status(handle, OrderStatus.BREWING)
+        await handle.cancel()
+        code, out, err = await cli
+    assert code == 0, err
+    assert "Traceback" not in err
+    result = OrderResult.model_validate_json(out)
+    assert (result.status, result.brewed, result.refunded) == ("CANCELLED", False, True)
+    assert [(e.kind, e.amount_cents) for e in services.payment.ledger] == [("charge", 525), ("refund", 525)]
+
+
+async def workflow_exists(handle: WorkflowHandle[OrderCoffeeWorkflow, OrderResult]) -> bool:
+    try:
+        await handle.describe()
+    except RPCError:
+        return False
+    return True
 
 
 @on_session_loop
