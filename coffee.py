@@ -35,7 +35,7 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.common import RetryPolicy
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.envconfig import ClientConfig
-from temporalio.exceptions import ActivityError, CancelledError, is_cancelled_exception
+from temporalio.exceptions import ActivityError, CancelledError, WorkflowAlreadyStartedError, is_cancelled_exception
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -99,7 +99,7 @@ class OrderState(BaseModel):
 
 
 class OrderResult(BaseModel):
-    """What the workflow returns: the seed's keys, plus whether money went back."""
+    """What the workflow returns, and what `coffee.py order` prints."""
 
     order_id: str
     status: OrderStatus
@@ -317,7 +317,7 @@ class CoffeeActivities:
 
 # --- Workflow: the order's durable logic. Deterministic: no I/O, clocks or randomness of its own ---
 
-# The seed's policy for each step: 5 attempts, 1 s apart at first, twice as long each time.
+# Each step gets up to 5 attempts, waiting 1 s before the second and twice as long before each next one.
 STEP_RETRY_POLICY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_attempts=5)
 # A refund must land, so it never gives up; it backs off to one try a minute.
 REFUND_RETRY_POLICY = RetryPolicy(
@@ -525,9 +525,12 @@ async def place_order(
     task_queue: str = TASK_QUEUE,
 ) -> OrderResult:
     """Start the order, optionally follow its state and cancel it, and wait for its result."""
-    handle = await client.start_workflow(
-        OrderCoffeeWorkflow.run, order, id=workflow_id_for(order.order_id), task_queue=task_queue
-    )
+    workflow_id = workflow_id_for(order.order_id)
+    try:
+        handle = await client.start_workflow(OrderCoffeeWorkflow.run, order, id=workflow_id, task_queue=task_queue)
+    except WorkflowAlreadyStartedError as err:
+        # A finished order's id may be reused (that is a new order, charged anew), but never a running one's.
+        raise CommandError(f"coffee.py: order {order.order_id} is still running; choose another --order-id.") from err
     follower = asyncio.create_task(follow_state(handle, on_change)) if on_change else None
     canceller = asyncio.create_task(cancel_later(handle, cancel_after)) if cancel_after is not None else None
     try:
@@ -707,6 +710,20 @@ def order_id_arg(value: str) -> str:
         raise argparse.ArgumentTypeError(f"{value!r}: use 1 to 64 letters, digits, '-' or '_'") from err
 
 
+def fraction(value: str) -> float:
+    number = float(value)
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 1")
+    return number
+
+
+def seconds(value: str) -> float:
+    number = float(value)
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not a number of seconds, 0 or more")
+    return number
+
+
 def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s [%(levelname)s] %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S"
@@ -721,14 +738,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="run a worker and three narrated orders in one process")
     worker = commands.add_parser("worker", help=f"run a worker on task queue {TASK_QUEUE!r}")
-    worker.add_argument("--brew-failure-rate", type=float, default=ServiceSettings.brew_failure_rate)
-    worker.add_argument("--brew-seconds", type=float, default=ServiceSettings.brew_seconds)
+    worker.add_argument(
+        "--brew-failure-rate",
+        type=fraction,
+        default=ServiceSettings.brew_failure_rate,
+        metavar="RATE",
+        help="share of brews that jam (default %(default)s)",
+    )
+    worker.add_argument(
+        "--brew-seconds",
+        type=seconds,
+        default=ServiceSettings.brew_seconds,
+        metavar="SECONDS",
+        help="how long a brew takes (default %(default)s)",
+    )
     order = commands.add_parser("order", help="place an order and print its result as JSON")
     order.add_argument("--order-id", required=True, type=order_id_arg)
     order.add_argument("--drink", required=True, choices=[d.value for d in Drink])
     order.add_argument("--size", required=True, choices=[s.value for s in Size])
     order.add_argument("--query", action="store_true", help="print the live state as it changes")
-    order.add_argument("--cancel-after", type=float, metavar="SECONDS", help="send cancel_order after this long")
+    order.add_argument("--cancel-after", type=seconds, metavar="SECONDS", help="send cancel_order after this long")
     return parser.parse_args(argv)
 
 

@@ -367,7 +367,11 @@ async def test_get_status_reports_the_order_while_it_brews(dev_server: WorkflowE
         assert state["history"] == ["RECEIVED", "CHARGING", "Charged 650 cents", "BREWING"]
         result = await handle.result()
         final = await handle.query(OrderCoffeeWorkflow.get_status)
+        described = await handle.describe()
     assert result.status == OrderStatus.COMPLETED
+    # updated_at comes from workflow.now(): the time of the workflow task that made the last change.
+    assert described.close_time is not None
+    assert described.start_time <= final.updated_at <= described.close_time
     assert final.history[-3:] == ["SENDING_RECEIPT", "Receipt sent", "COMPLETED"]
     assert final.brew_attempts == 1
 
@@ -608,6 +612,40 @@ async def test_order_exits_1_when_the_order_fails(dev_server: WorkflowEnvironmen
 
 
 @on_session_loop
+async def test_connect_follows_temporal_environment_configuration(
+    dev_server: WorkflowEnvironment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEMPORAL_ADDRESS", dev_address(dev_server))
+    monkeypatch.setenv("TEMPORAL_NAMESPACE", "coffee-shop")
+    client = await coffee.connect()
+    assert (client.service_client.config.target_host, client.namespace) == (dev_address(dev_server), "coffee-shop")
+    assert client.data_converter is pydantic_data_converter
+
+
+@on_session_loop
+async def test_the_worker_process_serves_orders_with_its_flags(dev_server: WorkflowEnvironment) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, COFFEE_PY, "worker", "--brew-seconds", "0", "--brew-failure-rate", "0",
+        env={**os.environ, "TEMPORAL_ADDRESS": dev_address(dev_server)},
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        async with asyncio.timeout(20):
+            await process.stderr.readline()  # the worker says it is polling
+            order = new_order()
+            handle = await start(dev_server.client, order, coffee.TASK_QUEUE)
+            started = time.monotonic()
+            result = await handle.result()
+            state = await handle.query(OrderCoffeeWorkflow.get_status)
+        assert time.monotonic() - started < 2  # far less than the 2.5 s a default brew takes
+        assert (result.status, result.amount_cents, state.brew_attempts) == (OrderStatus.COMPLETED, 525, 1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await process.wait()
+
+
+@on_session_loop
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 async def test_the_worker_stops_cleanly_on_ctrl_c_and_sigterm(
     dev_server: WorkflowEnvironment, stop_signal: signal.Signals
@@ -634,7 +672,12 @@ async def test_the_worker_stops_cleanly_on_ctrl_c_and_sigterm(
         (["order", "--order-id", "1", "--drink", "tea", "--size", "M"], "invalid choice: 'tea'"),
         (["order", "--order-id", "1", "--drink", "latte", "--size", "XL"], "invalid choice: 'XL'"),
         (["order", "--order-id", "no spaces", "--drink", "latte", "--size", "M"], "1 to 64 letters"),
+        (["order", "--order-id", "x" * 65, "--drink", "latte", "--size", "M"], "1 to 64 letters"),
+        (["order", "--order-id", "1", "--drink", "latte", "--size", "M", "--cancel-after", "-1"], "0 or more"),
+        (["worker", "--brew-failure-rate", "1.5"], "1.5 is not between 0 and 1"),
+        (["worker", "--brew-seconds", "-2"], "-2 is not a number of seconds"),
         (["brew"], "invalid choice: 'brew'"),
+        ([], "the following arguments are required: command"),
     ],
 )
 async def test_bad_input_exits_2_with_a_message(args: list[str], message: str) -> None:
@@ -642,6 +685,23 @@ async def test_bad_input_exits_2_with_a_message(args: list[str], message: str) -
     assert code == 2
     assert message in err
     assert "Traceback" not in err + out
+
+
+@on_session_loop
+async def test_order_refuses_an_id_that_is_still_running(dev_server: WorkflowEnvironment) -> None:
+    order = new_order()
+    # No worker polls this queue, so the first order waits, running, until the test ends it.
+    running = await start(dev_server.client, order, f"test-{uuid.uuid4()}")
+    try:
+        code, out, err = await run_cli(
+            "order", "--order-id", order.order_id, "--drink", "latte", "--size", "M", address=dev_address(dev_server)
+        )
+    finally:
+        await running.terminate()
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [f"coffee.py: order {order.order_id} is still running; choose another --order-id."]
+    history = await running.fetch_history()
+    assert [e.event_type for e in history.events][-1] == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED
 
 
 @on_session_loop
