@@ -665,26 +665,27 @@ async def test_the_worker_stops_cleanly_on_ctrl_c_and_sigterm(
     assert "Traceback" not in log
 
 
+BAD_INPUT = [
+    (["order", "--order-id", "1", "--drink", "tea", "--size", "M"], "invalid choice: 'tea'"),
+    (["order", "--order-id", "1", "--drink", "latte", "--size", "XL"], "invalid choice: 'XL'"),
+    (["order", "--order-id", "no spaces", "--drink", "latte", "--size", "M"], "1 to 64 letters"),
+    (["order", "--order-id", "x" * 65, "--drink", "latte", "--size", "M"], "1 to 64 letters"),
+    (["order", "--order-id", "1", "--drink", "latte", "--size", "M", "--cancel-after", "-1"], "0 or more"),
+    (["worker", "--brew-failure-rate", "1.5"], "1.5 is not between 0 and 1"),
+    (["worker", "--brew-seconds", "-2"], "-2 is not a number of seconds"),
+    (["brew"], "invalid choice: 'brew'"),
+    ([], "the following arguments are required: command"),
+]
+
+
 @on_session_loop
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["order", "--order-id", "1", "--drink", "tea", "--size", "M"], "invalid choice: 'tea'"),
-        (["order", "--order-id", "1", "--drink", "latte", "--size", "XL"], "invalid choice: 'XL'"),
-        (["order", "--order-id", "no spaces", "--drink", "latte", "--size", "M"], "1 to 64 letters"),
-        (["order", "--order-id", "x" * 65, "--drink", "latte", "--size", "M"], "1 to 64 letters"),
-        (["order", "--order-id", "1", "--drink", "latte", "--size", "M", "--cancel-after", "-1"], "0 or more"),
-        (["worker", "--brew-failure-rate", "1.5"], "1.5 is not between 0 and 1"),
-        (["worker", "--brew-seconds", "-2"], "-2 is not a number of seconds"),
-        (["brew"], "invalid choice: 'brew'"),
-        ([], "the following arguments are required: command"),
-    ],
-)
-async def test_bad_input_exits_2_with_a_message(args: list[str], message: str) -> None:
-    code, out, err = await run_cli(*args, address="127.0.0.1:1")
-    assert code == 2
-    assert message in err
-    assert "Traceback" not in err + out
+async def test_bad_input_exits_2_with_a_message() -> None:
+    # The cases run side by side: each one is a Python start-up, and nothing is shared.
+    runs = await asyncio.gather(*(run_cli(*args, address="127.0.0.1:1") for args, _ in BAD_INPUT))
+    for (args, message), (code, out, err) in zip(BAD_INPUT, runs, strict=True):
+        assert code == 2, args
+        assert message in err, args
+        assert "Traceback" not in err + out
 
 
 @on_session_loop
