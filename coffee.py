@@ -115,6 +115,8 @@ class OrderResult(BaseModel):
 
 
 class Receipt(BaseModel):
+    """What the receipt activity needs: the order and what was paid for it."""
+
     order: OrderRequest
     amount_cents: int
 
@@ -335,6 +337,7 @@ WAIT_UNTIL_STOPPED = workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLET
 class OrderCoffeeWorkflow:
     """Charge, brew, send the receipt; refund if the coffee is never made."""
 
+    # workflow.init hands __init__ the same input as run, so the state exists before any signal or query.
     @workflow.init
     def __init__(self, order: OrderRequest) -> None:
         self._order = order

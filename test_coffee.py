@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -77,9 +78,9 @@ def new_order(drink: Drink = Drink.LATTE, size: Size = Size.M) -> OrderRequest:
     return OrderRequest(order_id=f"t-{uuid.uuid4().hex[:12]}", drink=drink, size=size)
 
 
-def settings(**overrides: object) -> ServiceSettings:
+def settings(**overrides: Any) -> ServiceSettings:
     """Instant brews that never jam, unless a test says otherwise."""
-    return dataclasses.replace(ServiceSettings(brew_failure_rate=0.0, brew_seconds=0.0), **overrides)  # type: ignore[arg-type]
+    return dataclasses.replace(ServiceSettings(brew_failure_rate=0.0, brew_seconds=0.0), **overrides)
 
 
 @asynccontextmanager
@@ -90,14 +91,9 @@ async def worker(client: Client, services: ServiceFactory, task_queue: str | Non
         yield queue
 
 
-def start(
-    client: Client, order: OrderRequest, queue: str
-) -> "asyncio.Future[WorkflowHandle[OrderCoffeeWorkflow, OrderResult]]":
-    return asyncio.ensure_future(
-        client.start_workflow(
-            OrderCoffeeWorkflow.run, order, id=coffee.workflow_id_for(order.order_id), task_queue=queue
-        )
-    )
+async def start(client: Client, order: OrderRequest, queue: str) -> WorkflowHandle[OrderCoffeeWorkflow, OrderResult]:
+    workflow_id = coffee.workflow_id_for(order.order_id)
+    return await client.start_workflow(OrderCoffeeWorkflow.run, order, id=workflow_id, task_queue=queue)
 
 
 def ledger(services: ServiceFactory, order: OrderRequest) -> list[tuple[str, int]]:
