@@ -333,7 +333,9 @@ BREW_HEARTBEAT_TIMEOUT = timedelta(seconds=2)
 WAIT_UNTIL_STOPPED = workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
 
 
-@workflow.defn
+# Bad input (say, from another SDK or the CLI) fails the workflow at once, naming the bad field, rather than
+# failing its task, which Temporal would retry forever although the same input can never decode.
+@workflow.defn(failure_exception_types=[ValidationError])
 class OrderCoffeeWorkflow:
     """Charge, brew, send the receipt; refund if the coffee is never made."""
 

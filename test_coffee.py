@@ -106,6 +106,25 @@ async def wait_for_status(handle: WorkflowHandle[OrderCoffeeWorkflow, OrderResul
             await asyncio.sleep(0.05)
 
 
+async def run_cli(*args: str, address: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        COFFEE_PY,
+        *args,
+        env={**os.environ, "TEMPORAL_ADDRESS": address},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def dev_address(env: WorkflowEnvironment) -> str:
+    return env.client.service_client.config.target_host
+
+
 # --- Models and pricing ---
 
 
@@ -346,6 +365,25 @@ async def test_the_workflow_replays_deterministically(time_skipping: WorkflowEnv
     assert replay.replay_failure is None
 
 
+@on_session_loop
+async def test_bad_input_from_another_client_fails_the_workflow_at_once(dev_server: WorkflowEnvironment) -> None:
+    # A client with the default JSON converter and no coffee.py types, as another SDK or `temporal workflow start` is.
+    raw = await Client.connect(dev_address(dev_server))
+    async with worker(dev_server.client, ServiceFactory(settings())) as queue:
+        handle = await raw.start_workflow(
+            "OrderCoffeeWorkflow",
+            {"order_id": "1", "drink": "tea", "size": "M"},
+            id=f"order-{uuid.uuid4()}",
+            task_queue=queue,
+        )
+        with pytest.raises(WorkflowFailureError) as caught:
+            async with asyncio.timeout(5):  # a failed workflow task would be retried forever instead
+                await handle.result()
+    assert isinstance(caught.value.cause, ApplicationError)
+    assert caught.value.cause.type == "ValidationError"
+    assert "drink" in caught.value.cause.message and "'espresso', 'latte' or 'mocha'" in caught.value.cause.message
+
+
 # --- The workflow, on the dev server: a live query and a cancel that reaches a running brew ---
 
 
@@ -485,25 +523,6 @@ async def test_a_cancel_after_brewing_is_declined_and_the_order_completes(dev_se
 
 
 # --- The command line, as a user runs it ---
-
-
-async def run_cli(*args: str, address: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        COFFEE_PY,
-        *args,
-        env={**os.environ, "TEMPORAL_ADDRESS": address},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(60):
-        out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
-def dev_address(env: WorkflowEnvironment) -> str:
-    return env.client.service_client.config.target_host
 
 
 @on_session_loop
