@@ -774,9 +774,14 @@ async def run_order(args: argparse.Namespace) -> int:
         result = await place_order(client, order, on_change=on_change, cancel_after=args.cancel_after)
     except asyncio.CancelledError:
         workflow_id = workflow_id_for(order.order_id)
-        print(f"Stopped waiting. The order goes on; see it with `{temporal_cli()} workflow show -w {workflow_id}`.")
+        print(
+            f"Stopped waiting. The order goes on; see it with `{temporal_cli()} workflow show -w {workflow_id}`.",
+            file=sys.stderr,
+        )
         raise
     print(result.model_dump_json(indent=2))
+    if args.cancel_after is not None and result.status == OrderStatus.COMPLETED:
+        print("Note: the cancel came after the coffee was brewed, so the order went ahead.", file=sys.stderr)
     return 1 if result.status == OrderStatus.FAILED else 0
 
 

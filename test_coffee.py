@@ -576,6 +576,18 @@ async def test_order_cancel_after_refunds_a_brewing_espresso(dev_server: Workflo
 
 
 @on_session_loop
+async def test_order_notes_a_cancel_that_came_too_late(dev_server: WorkflowEnvironment) -> None:
+    async with worker(dev_server.client, ServiceFactory(settings()), task_queue=coffee.TASK_QUEUE):
+        code, out, err = await run_cli(
+            "order", "--order-id", f"cli-{uuid.uuid4().hex[:8]}", "--drink", "latte", "--size", "M",
+            "--cancel-after", "30", address=dev_address(dev_server),
+        )  # fmt: skip
+    assert code == 0
+    assert OrderResult.model_validate_json(out).status == "COMPLETED"
+    assert err.splitlines() == ["Note: the cancel came after the coffee was brewed, so the order went ahead."]
+
+
+@on_session_loop
 async def test_order_reports_a_cancel_from_outside_as_cancelled(dev_server: WorkflowEnvironment) -> None:
     services = ServiceFactory(settings(brew_seconds=20))
     order_id = f"cli-{uuid.uuid4().hex[:8]}"
