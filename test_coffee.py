@@ -98,8 +98,9 @@ async def start(client: Client, order: OrderRequest, queue: str) -> WorkflowHand
     return await client.start_workflow(OrderCoffeeWorkflow.run, order, id=workflow_id, task_queue=queue)
 
 
-def ledger(services: ServiceFactory, order: OrderRequest) -> list[tuple[str, int]]:
-    return [(e.kind, e.amount_cents) for e in services.payment.ledger if e.order_id == order.order_id]
+def ledger(services: ServiceFactory, order: OrderRequest | None = None) -> list[tuple[str, int]]:
+    """The money moved, for one order or for all."""
+    return [(e.kind, e.amount_cents) for e in services.payment.ledger if order is None or e.order_id == order.order_id]
 
 
 async def wait_for_status(handle: WorkflowHandle[OrderCoffeeWorkflow, OrderResult], status: OrderStatus) -> None:
@@ -432,19 +433,27 @@ async def test_get_status_reports_the_order_while_it_brews(dev_server: WorkflowE
     assert final.brew_attempts == 1
 
 
+@asynccontextmanager
+async def espresso_brewing(
+    env: WorkflowEnvironment, services: ServiceFactory
+) -> AsyncIterator[WorkflowHandle[OrderCoffeeWorkflow, OrderResult]]:
+    """A small espresso that has been charged and has begun a 20 s brew, its worker running."""
+    async with worker(env.client, services) as queue:
+        handle = await start(env.client, new_order(Drink.ESPRESSO, Size.S), queue)
+        await wait_for_status(handle, OrderStatus.BREWING)
+        yield handle
+
+
 @on_session_loop
 async def test_cancel_mid_brew_stops_the_brew_and_refunds(dev_server: WorkflowEnvironment) -> None:
     services = ServiceFactory(settings(brew_seconds=20.0))
-    order = new_order(Drink.ESPRESSO, Size.S)
-    async with worker(dev_server.client, services) as queue:
-        handle = await start(dev_server.client, order, queue)
-        await wait_for_status(handle, OrderStatus.BREWING)
+    async with espresso_brewing(dev_server, services) as handle:
         await handle.signal("cancel_order")
         async with asyncio.timeout(5):  # far less than the 20 s brew: it was stopped, not finished
             result = await handle.result()
         history = await handle.fetch_history()
     assert (result.status, result.charged, result.brewed, result.refunded) == (OrderStatus.CANCELLED, True, False, True)
-    assert ledger(services, order) == [("charge", 350), ("refund", 350)]
+    assert ledger(services) == [("charge", 350), ("refund", 350)]
     events = [e.event_type for e in history.events]
     # The refund was scheduled only after the brew had reported itself cancelled.
     cancelled = events.index(EventType.EVENT_TYPE_ACTIVITY_TASK_CANCELED)
@@ -460,10 +469,7 @@ async def test_cancel_mid_brew_stops_the_brew_and_refunds(dev_server: WorkflowEn
 @on_session_loop
 async def test_a_cancel_from_outside_refunds_then_ends_the_workflow_cancelled(dev_server: WorkflowEnvironment) -> None:
     services = ServiceFactory(settings(brew_seconds=20.0))
-    order = new_order(Drink.ESPRESSO, Size.S)
-    async with worker(dev_server.client, services) as queue:
-        handle = await start(dev_server.client, order, queue)
-        await wait_for_status(handle, OrderStatus.BREWING)
+    async with espresso_brewing(dev_server, services) as handle:
         await handle.cancel()  # what `temporal workflow cancel` and the web UI's Cancel button do
         with pytest.raises(WorkflowFailureError) as caught:
             async with asyncio.timeout(5):
@@ -473,7 +479,7 @@ async def test_a_cancel_from_outside_refunds_then_ends_the_workflow_cancelled(de
     assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
     await assert_replays(await handle.fetch_history())
     assert (state.status, state.brewed, state.refunded) == (OrderStatus.CANCELLED, False, True)
-    assert ledger(services, order) == [("charge", 350), ("refund", 350)]
+    assert ledger(services) == [("charge", 350), ("refund", 350)]
 
 
 @on_session_loop
@@ -630,7 +636,7 @@ async def test_order_reports_a_cancel_from_outside_as_cancelled(dev_server: Work
     assert "Traceback" not in err
     result = OrderResult.model_validate_json(out)
     assert (result.status, result.brewed, result.refunded) == ("CANCELLED", False, True)
-    assert [(e.kind, e.amount_cents) for e in services.payment.ledger] == [("charge", 525), ("refund", 525)]
+    assert ledger(services) == [("charge", 525), ("refund", 525)]
 
 
 async def workflow_exists(handle: WorkflowHandle[OrderCoffeeWorkflow, OrderResult]) -> bool:
