@@ -7,6 +7,9 @@
 The file reads in the order of the architecture: models, pricing, services, the
 service factory, activities, the workflow, the worker, the client, the demo and
 the command line.
+
+Temporal's workflow sandbox runs this whole file again for every workflow run, so
+its top level only defines things: no I/O, logging set-up, clients or randomness.
 """
 
 import argparse
@@ -327,7 +330,8 @@ REFUND_RETRY_POLICY = RetryPolicy(
 )
 STEP_TIMEOUT = timedelta(seconds=10)
 BREW_TIMEOUT = timedelta(minutes=2)
-# Heartbeats are sent at most every 0.8 x this, and a cancel reaches the brew only with one.
+# A brew silent for this long is taken for dead and tried again. Keep it short: the SDK sends heartbeats at most
+# every 0.8 x this, and a cancel reaches the brew only in the reply to one.
 BREW_HEARTBEAT_TIMEOUT = timedelta(seconds=2)
 # On cancel, wait until a step has really stopped, so that no charge or brew lands after the refund.
 WAIT_UNTIL_STOPPED = workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
