@@ -89,16 +89,16 @@ class OrderState(BaseModel):
     """What the `get_status` query returns: the order as the workflow sees it now."""
 
     status: OrderStatus = OrderStatus.RECEIVED
-    history: list[str] = []
+    history: list[str] = []  # each status and event, oldest first
     amount_cents: int = 0
-    brew_attempts: int = 0
+    brew_attempts: int = 0  # known once a brew has succeeded: the workflow sees only an activity's outcome
     charged: bool = False
     brewed: bool = False
     receipt_sent: bool = False
     refunded: bool = False
     cancel_requested: bool = False
     last_error: str | None = None
-    updated_at: datetime
+    updated_at: datetime  # from workflow.now(), the workflow's deterministic clock
 
 
 class OrderResult(BaseModel):
