@@ -169,9 +169,13 @@ def test_order_ids_may_use_letters_digits_dash_and_underscore() -> None:
 # --- Activities, through ActivityEnvironment ---
 
 
-def activity_env(workflow_id: str = "order-123", run_id: str = "run-1") -> ActivityEnvironment:
+# The order the activity tests pass, as order 123's workflow run "run-1" would.
+LATTE_123 = OrderRequest(order_id="123", **LATTE_M)
+
+
+def activity_env(run_id: str = "run-1", attempt: int = 1) -> ActivityEnvironment:
     env = ActivityEnvironment()
-    env.info = dataclasses.replace(env.info, workflow_id=workflow_id, workflow_run_id=run_id)
+    env.info = dataclasses.replace(env.info, workflow_id="order-123", workflow_run_id=run_id, attempt=attempt)
     return env
 
 
@@ -179,12 +183,9 @@ def activity_env(workflow_id: str = "order-123", run_id: str = "run-1") -> Activ
 async def test_charge_is_priced_and_a_retry_never_charges_twice() -> None:
     services = ServiceFactory(settings())
     activities = CoffeeActivities(services)
-    order = OrderRequest(order_id="123", **LATTE_M)
-    env = activity_env()
-    assert await env.run(activities.charge_customer, order) == 525
-    retry = activity_env()
-    retry.info = dataclasses.replace(retry.info, attempt=2)
-    assert await retry.run(activities.charge_customer, order) == 525
+    order = LATTE_123
+    assert await activity_env().run(activities.charge_customer, order) == 525
+    assert await activity_env(attempt=2).run(activities.charge_customer, order) == 525
     assert ledger(services, order) == [("charge", 525)]
 
 
@@ -192,7 +193,7 @@ async def test_charge_is_priced_and_a_retry_never_charges_twice() -> None:
 async def test_a_new_run_that_reuses_the_order_id_is_charged_again() -> None:
     services = ServiceFactory(settings())
     activities = CoffeeActivities(services)
-    order = OrderRequest(order_id="123", **LATTE_M)
+    order = LATTE_123
     await activity_env(run_id="run-1").run(activities.charge_customer, order)
     await activity_env(run_id="run-2").run(activities.charge_customer, order)
     assert ledger(services, order) == [("charge", 525), ("charge", 525)]
@@ -202,7 +203,7 @@ async def test_a_new_run_that_reuses_the_order_id_is_charged_again() -> None:
 async def test_refund_returns_the_charge_once() -> None:
     services = ServiceFactory(settings())
     activities = CoffeeActivities(services)
-    order = OrderRequest(order_id="123", **LATTE_M)
+    order = LATTE_123
     env = activity_env()
     await env.run(activities.charge_customer, order)
     assert await env.run(activities.refund_customer, order) == 525
@@ -213,7 +214,7 @@ async def test_refund_returns_the_charge_once() -> None:
 @on_session_loop
 async def test_refund_without_a_charge_moves_no_money() -> None:
     services = ServiceFactory(settings())
-    order = OrderRequest(order_id="123", **LATTE_M)
+    order = LATTE_123
     assert await activity_env().run(CoffeeActivities(services).refund_customer, order) == 0
     assert services.payment.ledger == []
 
@@ -222,11 +223,10 @@ async def test_refund_without_a_charge_moves_no_money() -> None:
 async def test_brew_heartbeats_and_returns_its_attempt(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     activities = CoffeeActivities(ServiceFactory(settings(brew_seconds=0.3)))
-    env = activity_env()
-    env.info = dataclasses.replace(env.info, attempt=3)
+    env = activity_env(attempt=3)
     beats: list[object] = []
     env.on_heartbeat = lambda *details: beats.append(details)
-    assert await env.run(activities.brew_coffee, OrderRequest(order_id="123", **LATTE_M)) == 3
+    assert await env.run(activities.brew_coffee, LATTE_123) == 3
     assert beats
     assert "Brewing latte (M) for order 123" in caplog.messages
     assert "Brew complete for order 123" in caplog.messages
@@ -236,19 +236,17 @@ async def test_brew_heartbeats_and_returns_its_attempt(caplog: pytest.LogCapture
 async def test_brew_jams_at_the_configured_rate(caplog: pytest.LogCaptureFixture) -> None:
     activities = CoffeeActivities(ServiceFactory(settings(brew_failure_rate=1.0)))
     with pytest.raises(BrewMachineJammed, match="Brew machine jammed for order 123!"):
-        await activity_env().run(activities.brew_coffee, OrderRequest(order_id="123", **LATTE_M))
+        await activity_env().run(activities.brew_coffee, LATTE_123)
     assert "Brew machine jammed for order 123!" in caplog.messages
 
 
 @on_session_loop
 async def test_a_forced_jam_hits_only_the_first_attempt() -> None:
     activities = CoffeeActivities(ServiceFactory(settings(jam_first_attempt_of=frozenset({"123"}))))
-    order = OrderRequest(order_id="123", **LATTE_M)
+    order = LATTE_123
     with pytest.raises(BrewMachineJammed):
         await activity_env().run(activities.brew_coffee, order)
-    second = activity_env()
-    second.info = dataclasses.replace(second.info, attempt=2)
-    assert await second.run(activities.brew_coffee, order) == 2
+    assert await activity_env(attempt=2).run(activities.brew_coffee, order) == 2
 
 
 @on_session_loop
@@ -256,7 +254,7 @@ async def test_a_cancelled_brew_stops_at_once(caplog: pytest.LogCaptureFixture) 
     caplog.set_level(logging.INFO)
     activities = CoffeeActivities(ServiceFactory(settings(brew_seconds=30)))
     env = activity_env()
-    brewing = asyncio.create_task(env.run(activities.brew_coffee, OrderRequest(order_id="123", **LATTE_M)))
+    brewing = asyncio.create_task(env.run(activities.brew_coffee, LATTE_123))
     await asyncio.sleep(0.2)
     env.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -269,7 +267,7 @@ async def test_a_cancelled_brew_stops_at_once(caplog: pytest.LogCaptureFixture) 
 async def test_receipt_names_the_order_and_amount(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     activities = CoffeeActivities(ServiceFactory(settings()))
-    receipt = Receipt(order=OrderRequest(order_id="123", **LATTE_M), amount_cents=525)
+    receipt = Receipt(order=LATTE_123, amount_cents=525)
     await activity_env().run(activities.send_receipt, receipt)
     assert "Receipt sent for order 123: latte (M), 525 cents" in caplog.messages
 
