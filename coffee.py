@@ -30,15 +30,25 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Protocol
+from typing import Annotated, Any, ClassVar, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from temporalio import activity, workflow
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest, DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.common import RetryPolicy
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.envconfig import ClientConfig
-from temporalio.exceptions import ActivityError, CancelledError, WorkflowAlreadyStartedError, is_cancelled_exception
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    CancelledError,
+    WorkflowAlreadyStartedError,
+    is_cancelled_exception,
+)
+from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -88,6 +98,7 @@ class OrderStatus(StrEnum):
 class OrderState(BaseModel):
     """What the `get_status` query returns: the order as the workflow sees it now."""
 
+    order_id: str
     status: OrderStatus = OrderStatus.RECEIVED
     history: list[str] = []  # each status and event, oldest first
     amount_cents: int = 0
@@ -113,8 +124,8 @@ class OrderResult(BaseModel):
     refunded: bool
 
     @classmethod
-    def from_state(cls, order_id: str, state: OrderState) -> "OrderResult":
-        return cls(order_id=order_id, **state.model_dump(include=set(cls.model_fields)))
+    def from_state(cls, state: OrderState) -> "OrderResult":
+        return cls(**state.model_dump(include=set(cls.model_fields)))
 
 
 class Receipt(BaseModel):
@@ -344,15 +355,24 @@ class OrderCoffeeWorkflow:
     """Charge, brew, send the receipt; refund if the coffee is never made."""
 
     # workflow.init hands __init__ the same input as run, so the state exists before any signal or query.
+    # The order is optional only so that a start with no input (`temporal workflow start` without --input, or a
+    # JSON null) reaches the check below and fails the workflow; a missing argument would fail its task forever.
     @workflow.init
-    def __init__(self, order: OrderRequest) -> None:
+    def __init__(self, order: OrderRequest | None = None) -> None:
+        if order is None:
+            raise ApplicationError(
+                'OrderCoffeeWorkflow needs an order as its input, such as {"order_id": "123", "drink": "latte", '
+                '"size": "M"}',
+                type="MissingOrder",
+                non_retryable=True,
+            )
         self._order = order
-        self._state = OrderState(status=OrderStatus.RECEIVED, history=["RECEIVED"], updated_at=workflow.now())
+        self._state = OrderState(order_id=order.order_id, history=["RECEIVED"], updated_at=workflow.now())
         self._charge_started = False
         self._brew: workflow.ActivityHandle[int] | None = None
 
     @workflow.run
-    async def run(self, order: OrderRequest) -> OrderResult:
+    async def run(self, order: OrderRequest | None = None) -> OrderResult:
         try:
             if not self._cancel_wanted():
                 await self._charge()
@@ -363,6 +383,8 @@ class OrderCoffeeWorkflow:
                 self._state.last_error = str(err.cause or err)  # the charge or the brew gave up
         if self._state.brewed:
             await self._send_receipt()
+            if self._cancel_wanted():
+                self._note("Cancel request declined: the coffee was already brewed")
             return self._finish(OrderStatus.COMPLETED)
         await self._refund()
         if workflow.cancellation_reason() is not None:
@@ -416,23 +438,20 @@ class OrderCoffeeWorkflow:
         self._state.brew_attempts = await self._brew
         self._state.brewed = True
         self._note(f"Brewed {self._order.drink} ({self._order.size}) on attempt {self._state.brew_attempts}")
-        if self._cancel_wanted():
-            self._note("Cancel request declined: the coffee was already brewed")
 
     async def _send_receipt(self) -> None:
         self._move(OrderStatus.SENDING_RECEIPT)
+        receipt = workflow.start_activity_method(
+            CoffeeActivities.send_receipt,
+            Receipt(order=self._order, amount_cents=self._state.amount_cents),
+            start_to_close_timeout=STEP_TIMEOUT,
+            retry_policy=STEP_RETRY_POLICY,
+        )
         try:
-            await workflow.execute_activity_method(
-                CoffeeActivities.send_receipt,
-                Receipt(order=self._order, amount_cents=self._state.amount_cents),
-                start_to_close_timeout=STEP_TIMEOUT,
-                retry_policy=STEP_RETRY_POLICY,
-                cancellation_type=WAIT_UNTIL_STOPPED,
-            )
+            await finish_despite_cancel(receipt)  # The coffee is made and paid for: too late to cancel.
         except ActivityError as err:
             # The customer has the coffee and paid for it; a lost receipt does not undo that.
-            if not is_cancelled_exception(err):
-                self._state.last_error = str(err.cause or err)
+            self._state.last_error = str(err.cause or err)
             return
         self._state.receipt_sent = True
         self._note("Receipt sent")
@@ -448,16 +467,13 @@ class OrderCoffeeWorkflow:
             start_to_close_timeout=STEP_TIMEOUT,
             retry_policy=REFUND_RETRY_POLICY,
         )
-        try:
-            refunded = await asyncio.shield(refund)
-        except asyncio.CancelledError:
-            refunded = await refund  # A cancel from outside must not stop a refund: finish it first.
+        refunded = await finish_despite_cancel(refund)
         self._state.refunded = refunded > 0
         self._note(f"Refunded {refunded} cents")
 
     def _finish(self, status: OrderStatus) -> OrderResult:
         self._move(status)
-        return OrderResult.from_state(self._order.order_id, self._state)
+        return OrderResult.from_state(self._state)
 
     def _move(self, status: OrderStatus) -> None:
         self._state.status = status
@@ -466,6 +482,17 @@ class OrderCoffeeWorkflow:
     def _note(self, event: str) -> None:
         self._state.history.append(event)
         self._state.updated_at = workflow.now()
+
+
+T = TypeVar("T")
+
+
+async def finish_despite_cancel(step: workflow.ActivityHandle[T]) -> T:
+    """Wait for a step that a cancel from outside (CLI, web UI, handle.cancel()) must not stop."""
+    try:
+        return await asyncio.shield(step)
+    except asyncio.CancelledError:
+        return await step  # The workflow's cancel stopped the wait, not the step: wait again.
 
 
 # --- Worker: polls the task queue and runs the workflow and activities ---
@@ -484,6 +511,8 @@ def new_worker(client: Client, services: ServiceFactory, task_queue: str = TASK_
 
 async def run_worker(settings: ServiceSettings) -> None:
     client = await connect()
+    # The worker checks its namespace only once it runs; checking first makes a wrong one a one-line error.
+    await client.workflow_service.describe_namespace(DescribeNamespaceRequest(namespace=client.namespace))
     log = logging.getLogger("coffee.worker")
     try:
         async with new_worker(client, ServiceFactory(settings)):
@@ -512,7 +541,10 @@ class ServerUnreachable(CommandError):
 
 async def connect() -> Client:
     """Connect as Temporal's environment configuration says (TEMPORAL_ADDRESS, profiles, TLS, API key)."""
-    config = ClientConfig.load_client_connect_config()
+    try:
+        config = ClientConfig.load_client_connect_config()
+    except RuntimeError as err:  # for example, TEMPORAL_PROFILE names a profile that the config file lacks
+        raise CommandError(f"coffee.py: could not read Temporal's client configuration: {err}.") from err
     config.setdefault("target_host", DEFAULT_ADDRESS)
     try:
         async with asyncio.timeout(10):
@@ -525,21 +557,25 @@ def workflow_id_for(order_id: str) -> str:
     return f"order-{order_id}"
 
 
-async def place_order(
-    client: Client,
-    order: OrderRequest,
-    *,
-    on_change: Callable[[OrderState, list[str]], None] | None = None,
-    cancel_after: float | None = None,
-    task_queue: str = TASK_QUEUE,
-) -> OrderResult:
-    """Start the order, optionally follow its state and cancel it, and wait for its result."""
+OrderHandle = WorkflowHandle[OrderCoffeeWorkflow, OrderResult]
+
+
+async def start_order(client: Client, order: OrderRequest, task_queue: str = TASK_QUEUE) -> OrderHandle:
     workflow_id = workflow_id_for(order.order_id)
     try:
-        handle = await client.start_workflow(OrderCoffeeWorkflow.run, order, id=workflow_id, task_queue=task_queue)
+        return await client.start_workflow(OrderCoffeeWorkflow.run, order, id=workflow_id, task_queue=task_queue)
     except WorkflowAlreadyStartedError as err:
         # A finished order's id may be reused (that is a new order, charged anew), but never a running one's.
         raise CommandError(f"coffee.py: order {order.order_id} is still running; choose another --order-id.") from err
+
+
+async def wait_for_order(
+    handle: OrderHandle,
+    *,
+    on_change: Callable[[OrderState, list[str]], None] | None = None,
+    cancel_after: float | None = None,
+) -> OrderResult:
+    """Wait for the order's result, optionally following its state and cancelling it on the way."""
     follower = asyncio.create_task(follow_state(handle, on_change)) if on_change else None
     canceller = asyncio.create_task(cancel_later(handle, cancel_after)) if cancel_after is not None else None
     try:
@@ -549,7 +585,7 @@ async def place_order(
             if not isinstance(err.cause, CancelledError):
                 raise
             # Cancelled from outside, which ends a workflow without a result: report its final state instead.
-            result = OrderResult.from_state(order.order_id, await handle.query(OrderCoffeeWorkflow.get_status))
+            result = OrderResult.from_state(await handle.query(OrderCoffeeWorkflow.get_status))
         if follower:
             await follower  # It stops by itself once it has seen the order end.
         return result
@@ -562,13 +598,16 @@ async def place_order(
 FINAL_STATUSES = (OrderStatus.COMPLETED, OrderStatus.CANCELLED, OrderStatus.FAILED)
 
 
-async def follow_state(
-    handle: WorkflowHandle[OrderCoffeeWorkflow, OrderResult], on_change: Callable[[OrderState, list[str]], None]
-) -> None:
+async def follow_state(handle: OrderHandle, on_change: Callable[[OrderState, list[str]], None]) -> None:
     """Poll the get_status query and report what is new each time, until the order ends."""
     seen = 0
     while True:
-        state = await handle.query(OrderCoffeeWorkflow.get_status)
+        try:
+            state = await handle.query(OrderCoffeeWorkflow.get_status)
+        except RPCError:
+            # A query needs a running worker; while none is up, try again. A lost server ends the wait for the result.
+            await asyncio.sleep(1)
+            continue
         if len(state.history) > seen:
             on_change(state, state.history[seen:])
             seen = len(state.history)
@@ -577,9 +616,14 @@ async def follow_state(
         await asyncio.sleep(0.1)
 
 
-async def cancel_later(handle: WorkflowHandle[OrderCoffeeWorkflow, OrderResult], seconds: float) -> None:
+async def cancel_later(handle: OrderHandle, seconds: float) -> None:
     await asyncio.sleep(seconds)
     await handle.signal(OrderCoffeeWorkflow.cancel_order)
+
+
+async def worker_is_polling(client: Client, task_queue: str) -> bool:
+    request = DescribeTaskQueueRequest(namespace=client.namespace, task_queue=TaskQueue(name=task_queue))
+    return bool((await client.workflow_service.describe_task_queue(request)).pollers)
 
 
 # --- Demo: a worker and three orders in one process, narrated ---
@@ -646,7 +690,7 @@ async def run_demo() -> None:
             say()
             say(story)
             say(f"   {ui}/{workflow_id_for(order.order_id)}")
-            result = await place_order(client, order, task_queue=task_queue, **options)
+            result = await wait_for_order(await start_order(client, order, task_queue), **options)
             say(f"   result: {result.model_dump_json()}")
             say(f"   payment ledger: {ledger(order)}")
             say(f"   {moral}")
@@ -774,15 +818,26 @@ async def run_order(args: argparse.Namespace) -> int:
     order = OrderRequest(order_id=args.order_id, drink=args.drink, size=args.size)
     client = await connect()
     on_change = (lambda state, _: print(state.model_dump_json(), flush=True)) if args.query else None
+    show_order = f"`{temporal_cli()} workflow show -w {workflow_id_for(order.order_id)}`"
     try:
-        result = await place_order(client, order, on_change=on_change, cancel_after=args.cancel_after)
+        handle = await start_order(client, order)
+        if not await worker_is_polling(client, TASK_QUEUE):
+            print(
+                f"No worker polls task queue {TASK_QUEUE!r} yet; the order waits until `python coffee.py worker` runs.",
+                file=sys.stderr,
+            )
+        result = await wait_for_order(handle, on_change=on_change, cancel_after=args.cancel_after)
     except asyncio.CancelledError:
-        workflow_id = workflow_id_for(order.order_id)
-        print(
-            f"Stopped waiting. The order goes on; see it with `{temporal_cli()} workflow show -w {workflow_id}`.",
-            file=sys.stderr,
-        )
+        print(f"Stopped waiting. The order goes on; see it with {show_order}.", file=sys.stderr)
         raise
+    except RPCError as err:
+        if err.status != RPCStatusCode.UNAVAILABLE:
+            raise
+        # The client gave up after retrying for about 10 s. The order itself lives on the server, not here.
+        raise CommandError(
+            f"coffee.py: lost the Temporal server at {client.service_client.config.target_host} ({err.message}).\n"
+            f"Once it is back, {show_order} tells what became of order {order.order_id}."
+        ) from err
     print(result.model_dump_json(indent=2))
     if args.cancel_after is not None and result.status == OrderStatus.COMPLETED:
         print("Note: the cancel came after the coffee was brewed, so the order went ahead.", file=sys.stderr)
@@ -792,10 +847,17 @@ async def run_order(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
+    if args.command != "worker":
+        # These commands report a lost server in a line of their own; the SDK would also warn of every retried call.
+        quiet = LoggingConfig(filter=TelemetryFilter(core_level="ERROR", other_level="ERROR"))
+        Runtime.set_default(Runtime(telemetry=TelemetryConfig(logging=quiet)))
     try:
         return asyncio.run(stoppable(run_command(args)))
     except CommandError as err:
         print(err, file=sys.stderr)
+        return 1
+    except RPCError as err:  # for example, a namespace that the server does not have
+        print(f"coffee.py: the Temporal server refused the request: {err.message}", file=sys.stderr)
         return 1
     except asyncio.CancelledError:
         return 0 if args.command == "worker" else 130  # stopping is how a worker ends; the others were cut short

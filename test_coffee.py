@@ -346,11 +346,27 @@ async def test_five_jams_fail_the_order_and_refund_the_charge(time_skipping: Wor
         handle = await start(time_skipping.client, order, queue)
         result = await handle.result()
         state = await handle.query(OrderCoffeeWorkflow.get_status)
+        history = await handle.fetch_history()
     # 1 + 2 + 4 + 8 s of back-off between the five attempts, skipped rather than slept.
     assert time.monotonic() - started < 10
+    brew_started = [
+        e.activity_task_started_event_attributes.attempt
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED and e.event_id == brew_scheduled_id(history) + 1
+    ]
+    assert brew_started == [5]  # the server records the last attempt of a retried activity
     assert (result.status, result.brewed, result.refunded) == (OrderStatus.FAILED, False, True)
     assert state.last_error == f"BrewMachineJammed: Brew machine jammed for order {order.order_id}!"
     assert ledger(services, order) == [("charge", 525), ("refund", 525)]
+
+
+def brew_scheduled_id(history: WorkflowHistory) -> int:
+    [event_id] = [
+        e.event_id
+        for e in history.events
+        if e.activity_task_scheduled_event_attributes.activity_type.name == "brew_coffee"
+    ]
+    return event_id
 
 
 @on_session_loop
@@ -721,8 +737,9 @@ async def test_the_worker_stops_cleanly_on_ctrl_c_and_sigterm(
 
 
 BAD_INPUT = [
-    (["order", "--order-id", "1", "--drink", "tea", "--size", "M"], "invalid choice: 'tea'"),
-    (["order", "--order-id", "1", "--drink", "latte", "--size", "XL"], "invalid choice: 'XL'"),
+    (["order", "--order-id", "1", "--drink", "tea", "--size", "M"], "invalid choice: 'tea' (choose from"),
+    (["order", "--order-id", "1", "--drink", "latte", "--size", "XL"], "invalid choice: 'XL' (choose from"),
+    (["order", "--order-id", "", "--drink", "latte", "--size", "M"], "'': use 1 to 64 letters"),
     (["order", "--order-id", "no spaces", "--drink", "latte", "--size", "M"], "1 to 64 letters"),
     (["order", "--order-id", "x" * 65, "--drink", "latte", "--size", "M"], "1 to 64 letters"),
     (["order", "--order-id", "1", "--drink", "latte", "--size", "M", "--cancel-after", "-1"], "0 or more"),
@@ -741,6 +758,9 @@ async def test_bad_input_exits_2_with_a_message() -> None:
         assert code == 2, args
         assert message in err, args
         assert "Traceback" not in err + out
+    # An unknown drink or size is answered with the valid ones.
+    assert all(drink in runs[0][2].split("(choose from")[1] for drink in ("espresso", "latte", "mocha"))
+    assert all(size in runs[1][2].split("(choose from")[1] for size in ("S", "M", "L"))
 
 
 @on_session_loop
@@ -757,18 +777,26 @@ async def test_order_refuses_an_id_that_is_still_running(dev_server: WorkflowEnv
     assert (code, out) == (1, "")
     assert err.splitlines() == [f"coffee.py: order {order.order_id} is still running; choose another --order-id."]
     history = await running.fetch_history()
-    assert [e.event_type for e in history.events][-1] == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED
+    # The refused second order neither signalled, cancelled nor restarted the first: only the test's terminate shows.
+    assert [e.event_type for e in history.events] == [
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED,
+        EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED,
+    ]
 
 
 @on_session_loop
-async def test_order_without_a_server_says_how_to_get_one() -> None:
-    code, out, err = await run_cli("order", "--order-id", "1", "--drink", "latte", "--size", "M", address="127.0.0.1:1")
-    assert code == 1
-    assert err.splitlines() == [
-        "coffee.py: no Temporal server answered at 127.0.0.1:1.",
-        f"Start one with `{coffee.temporal_cli()} server start-dev`, or run `python coffee.py demo`, which needs none.",
-    ]
-    assert out == ""
+async def test_order_and_worker_without_a_server_say_how_to_get_one() -> None:
+    runs = await asyncio.gather(
+        run_cli("order", "--order-id", "1", "--drink", "latte", "--size", "M", address="127.0.0.1:1"),
+        run_cli("worker", address="127.0.0.1:1"),
+    )
+    start_one = (
+        f"Start one with `{coffee.temporal_cli()} server start-dev`, or run `python coffee.py demo`, which needs none."
+    )
+    for code, out, err in runs:
+        assert (code, out) == (1, "")
+        assert err.splitlines() == ["coffee.py: no Temporal server answered at 127.0.0.1:1.", start_one]
 
 
 @on_session_loop
