@@ -553,6 +553,11 @@ async def connect() -> Client:
         raise ServerUnreachable(config["target_host"]) from err
 
 
+# A call that ends with one of these got no answer: the server, or the way to it, is gone. The client has
+# already retried an unavailable server for about 10 s; a connection cut mid-call reports a transport error.
+NO_ANSWER = (RPCStatusCode.UNAVAILABLE, RPCStatusCode.UNKNOWN, RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED)
+
+
 def workflow_id_for(order_id: str) -> str:
     return f"order-{order_id}"
 
@@ -831,9 +836,9 @@ async def run_order(args: argparse.Namespace) -> int:
         print(f"Stopped waiting. The order goes on; see it with {show_order}.", file=sys.stderr)
         raise
     except RPCError as err:
-        if err.status != RPCStatusCode.UNAVAILABLE:
+        if err.status not in NO_ANSWER:
             raise
-        # The client gave up after retrying for about 10 s. The order itself lives on the server, not here.
+        # The order itself lives on the server, not here: it may well have gone on.
         raise CommandError(
             f"coffee.py: lost the Temporal server at {client.service_client.config.target_host} ({err.message}).\n"
             f"Once it is back, {show_order} tells what became of order {order.order_id}."
@@ -856,8 +861,11 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as err:
         print(err, file=sys.stderr)
         return 1
-    except RPCError as err:  # for example, a namespace that the server does not have
-        print(f"coffee.py: the Temporal server refused the request: {err.message}", file=sys.stderr)
+    except RPCError as err:
+        if err.status in NO_ANSWER:
+            print(f"coffee.py: lost the Temporal server ({err.message}).", file=sys.stderr)
+        else:  # for example, a namespace that the server does not have
+            print(f"coffee.py: the Temporal server refused the request: {err.message}", file=sys.stderr)
         return 1
     except asyncio.CancelledError:
         return 0 if args.command == "worker" else 130  # stopping is how a worker ends; the others were cut short

@@ -109,12 +109,12 @@ async def wait_for_status(handle: WorkflowHandle[OrderCoffeeWorkflow, OrderResul
             await asyncio.sleep(0.05)
 
 
-async def run_cli(*args: str, address: str) -> tuple[int, str, str]:
+async def run_cli(*args: str, address: str, **environment: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         COFFEE_PY,
         *args,
-        env={**os.environ, "TEMPORAL_ADDRESS": address},
+        env={**os.environ, "TEMPORAL_ADDRESS": address, **environment},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -421,6 +421,41 @@ async def test_bad_input_from_another_client_fails_the_workflow_at_once(dev_serv
     assert "drink" in caught.value.cause.message and "'espresso', 'latte' or 'mocha'" in caught.value.cause.message
 
 
+BAD_WORKFLOW_INPUT = [
+    (["--input", '{"order_id":"1","drink":"tea","size":"M"}'], "ValidationError", "drink\n  Input should be 'espr"),
+    ([], "MissingOrder", "OrderCoffeeWorkflow needs an order as its input"),
+    (["--input", "null"], "MissingOrder", "OrderCoffeeWorkflow needs an order as its input"),
+]
+
+
+@on_session_loop
+async def test_bad_or_missing_input_from_the_temporal_cli_fails_the_workflow_at_once(
+    dev_server: WorkflowEnvironment,
+) -> None:
+    temporal = coffee.find_binary("temporal")
+    assert temporal
+
+    async def start_with(queue: str, input_args: list[str]) -> BaseException | None:
+        workflow_id = f"order-{uuid.uuid4()}"
+        process = await asyncio.create_subprocess_exec(
+            temporal, "workflow", "start", "--address", dev_address(dev_server), "--task-queue", queue,
+            "--type", "OrderCoffeeWorkflow", "--workflow-id", workflow_id, *input_args,
+            stdout=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        assert await process.wait() == 0
+        with pytest.raises(WorkflowFailureError) as caught:
+            async with asyncio.timeout(5):  # a failed workflow task would be retried forever instead
+                await dev_server.client.get_workflow_handle(workflow_id).result()
+        return caught.value.cause
+
+    async with worker(dev_server.client, ServiceFactory(settings())) as queue:
+        causes = await asyncio.gather(*(start_with(queue, args) for args, _, _ in BAD_WORKFLOW_INPUT))
+    for (args, error_type, message), cause in zip(BAD_WORKFLOW_INPUT, causes, strict=True):
+        assert isinstance(cause, ApplicationError), args
+        assert cause.type == error_type, args
+        assert message in cause.message, args
+
+
 # --- The workflow, on the dev server: a live query and a cancel that reaches a running brew ---
 
 
@@ -539,31 +574,85 @@ async def test_a_cancel_before_the_charge_moves_no_money(time_skipping: Workflow
     assert services.payment.ledger == []
 
 
-@on_session_loop
-async def test_a_cancel_after_brewing_is_declined_and_the_order_completes(dev_server: WorkflowEnvironment) -> None:
-    services = ServiceFactory(settings())
-    activities = CoffeeActivities(services)
-    receipt_started, release_receipt = asyncio.Event(), asyncio.Event()
-
-    @activity.defn(name="send_receipt")
-    async def slow_receipt(receipt: Receipt) -> None:
-        receipt_started.set()
-        await release_receipt.wait()
-
-    order = new_order()
-    queue = f"test-{uuid.uuid4()}"
-    mocked = [activities.charge_customer, activities.brew_coffee, slow_receipt, activities.refund_customer]
-    async with Worker(dev_server.client, task_queue=queue, workflows=[OrderCoffeeWorkflow], activities=mocked):
-        handle = await start(dev_server.client, order, queue)
-        await receipt_started.wait()
+async def cancel(handle: WorkflowHandle[OrderCoffeeWorkflow, OrderResult], way: str) -> None:
+    """Cancel as a customer does (the cancel_order signal) or as an operator does (Temporal's own cancel),
+    then wait until the workflow has taken the request in."""
+    if way == "signal":
         await handle.signal(OrderCoffeeWorkflow.cancel_order)
-        await asyncio.sleep(0.2)  # let the worker take the signal while the receipt is still out
-        release_receipt.set()
-        result = await handle.result()
+        request = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+    else:
+        await handle.cancel()
+        request = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED
+    async with asyncio.timeout(10):
+        while True:
+            events = [e.event_type for e in (await handle.fetch_history()).events]
+            if request in events and EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED in events[events.index(request) :]:
+                return
+            await asyncio.sleep(0.05)
+
+
+@asynccontextmanager
+async def held_step(
+    env: WorkflowEnvironment, services: ServiceFactory, step: str
+) -> AsyncIterator[tuple[WorkflowHandle[OrderCoffeeWorkflow, OrderResult], asyncio.Event]]:
+    """An order whose charge or receipt activity has begun and holds until the test sets the event it yields."""
+    activities = CoffeeActivities(services)
+    started, release = asyncio.Event(), asyncio.Event()
+    real = {"charge_customer": activities.charge_customer, "send_receipt": activities.send_receipt}[step]
+
+    @activity.defn(name=step)
+    async def held(order_or_receipt: OrderRequest | Receipt) -> Any:
+        started.set()
+        await release.wait()  # no heartbeats, so a cancel cannot reach it: like a payment call already on the wire
+        return await real(order_or_receipt)
+
+    mocked = {a.__name__: a for a in activities.all()} | {step: held}
+    queue = f"test-{uuid.uuid4()}"
+    async with Worker(env.client, task_queue=queue, workflows=[OrderCoffeeWorkflow], activities=mocked.values()):
+        handle = await start(env.client, new_order(), queue)
+        async with asyncio.timeout(10):
+            await started.wait()
+        yield handle, release
+
+
+@on_session_loop
+@pytest.mark.parametrize("way", ["signal", "cancel"])
+async def test_a_charge_that_lands_after_a_cancel_is_refunded(dev_server: WorkflowEnvironment, way: str) -> None:
+    services = ServiceFactory(settings())
+    async with held_step(dev_server, services, "charge_customer") as (handle, release):
+        await cancel(handle, way)
+        release.set()  # the charge goes through after all
+        result = await coffee.wait_for_order(handle)
+        history = await handle.fetch_history()
+    assert (result.status, result.charged, result.brewed, result.refunded) == (OrderStatus.CANCELLED, True, False, True)
+    assert ledger(services) == [("charge", 525), ("refund", 525)]
+    scheduled = [e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events]
+    assert "brew_coffee" not in scheduled
+
+
+@on_session_loop
+@pytest.mark.parametrize(
+    "way, note",
+    [
+        ("signal", "Cancel request declined: the order is already SENDING_RECEIPT"),
+        ("cancel", "Cancel request declined: the coffee was already brewed"),
+    ],
+)
+async def test_a_cancel_after_brewing_is_declined_and_the_order_completes(
+    dev_server: WorkflowEnvironment, way: str, note: str
+) -> None:
+    services = ServiceFactory(settings())
+    async with held_step(dev_server, services, "send_receipt") as (handle, release):
+        await cancel(handle, way)
+        release.set()
+        result = await handle.result()  # completed, not cancelled, whichever way the cancel came
         state = await handle.query(OrderCoffeeWorkflow.get_status)
-    assert (result.status, result.brewed, result.refunded) == (OrderStatus.COMPLETED, True, False)
-    assert "Cancel request declined: the order is already SENDING_RECEIPT" in state.history
-    assert ledger(services, order) == [("charge", 525)]
+        history = await handle.fetch_history()
+    assert (result.status, result.receipt_sent, result.refunded) == (OrderStatus.COMPLETED, True, False)
+    assert note in state.history
+    assert ledger(services) == [("charge", 525)]
+    # The receipt was never asked to stop.
+    assert EventType.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED not in [e.event_type for e in history.events]
 
 
 # --- The command line, as a user runs it ---
@@ -653,7 +742,7 @@ async def test_order_reports_a_cancel_from_outside_as_cancelled(dev_server: Work
     assert ledger(services) == [("charge", 525), ("refund", 525)]
 
 
-async def workflow_exists(handle: WorkflowHandle[OrderCoffeeWorkflow, OrderResult]) -> bool:
+async def workflow_exists(handle: WorkflowHandle[Any, Any]) -> bool:
     try:
         await handle.describe()
     except RPCError:
@@ -736,6 +825,82 @@ async def test_the_worker_stops_cleanly_on_ctrl_c_and_sigterm(
     assert "Traceback" not in log
 
 
+@on_session_loop
+async def test_another_client_drives_an_order_by_its_names_alone(dev_server: WorkflowEnvironment) -> None:
+    # A client without coffee.py's types or converter, as another SDK or the `temporal` CLI is: it knows only names.
+    raw = await Client.connect(dev_address(dev_server))
+    services = ServiceFactory(settings(brew_seconds=20))
+    order_id = f"cli-{uuid.uuid4().hex[:8]}"
+    async with coffee.new_worker(dev_server.client, services):  # on the default task queue
+        placing = asyncio.create_task(
+            run_cli(
+                "order", "--order-id", order_id, "--drink", "espresso", "--size", "S", address=dev_address(dev_server)
+            )
+        )
+        handle = raw.get_workflow_handle(f"order-{order_id}")
+        async with asyncio.timeout(10):
+            while not await workflow_exists(handle) or (await handle.query("get_status"))["status"] != "BREWING":
+                await asyncio.sleep(0.05)
+        await handle.signal("cancel_order")
+        result = await handle.result()
+        described = await handle.describe()
+        code, out, err = await placing
+    assert (described.workflow_type, described.task_queue) == ("OrderCoffeeWorkflow", "coffee-orders")
+    assert result == {
+        "order_id": order_id,
+        "status": "CANCELLED",
+        "charged": True,
+        "brewed": False,
+        "receipt_sent": False,
+        "amount_cents": 350,
+        "refunded": True,
+    }
+    assert code == 0, err
+    assert OrderResult.model_validate_json(out).model_dump(mode="json") == result
+    assert ledger(services) == [("charge", 350), ("refund", 350)]
+
+
+@on_session_loop
+@pytest.mark.parametrize(
+    "stop_signal, brew_seconds, brew_attempts",
+    [
+        (signal.SIGTERM, "1", 1),  # a gentle stop: the worker finishes the brew it holds, then exits
+        (signal.SIGKILL, "30", 2),  # a crash: the brew's heartbeats stop, and after 2 s it runs again elsewhere
+    ],
+)
+async def test_an_order_outlives_the_worker_that_began_it(
+    dev_server: WorkflowEnvironment, stop_signal: signal.Signals, brew_seconds: str, brew_attempts: int
+) -> None:
+    first = await asyncio.create_subprocess_exec(
+        sys.executable, COFFEE_PY, "worker", "--brew-seconds", brew_seconds, "--brew-failure-rate", "0",
+        env={**os.environ, "TEMPORAL_ADDRESS": dev_address(dev_server)},
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert first.stderr is not None
+    order = new_order()
+    async with asyncio.timeout(20):
+        await first.stderr.readline()  # the worker says it is polling
+        handle = await start(dev_server.client, order, coffee.TASK_QUEUE)
+        await wait_for_status(handle, OrderStatus.BREWING)
+        first.send_signal(stop_signal)
+        first_log = (await first.stderr.read()).decode()
+        assert await first.wait() == (0 if stop_signal == signal.SIGTERM else -signal.SIGKILL)
+    assert first_log.count(f"Charging order {order.order_id} for 525 cents") == 1
+    assert (f"Brew complete for order {order.order_id}" in first_log) == (stop_signal == signal.SIGTERM)
+
+    second = ServiceFactory(settings())
+    async with worker(dev_server.client, second, task_queue=coffee.TASK_QUEUE):
+        async with asyncio.timeout(30):
+            result = await handle.result()
+        state = await handle.query(OrderCoffeeWorkflow.get_status)
+    history = await handle.fetch_history()
+    assert (result.status, result.amount_cents, result.receipt_sent) == (OrderStatus.COMPLETED, 525, True)
+    assert state.brew_attempts == brew_attempts
+    assert ledger(second) == []  # the second worker never charged: the charge's result was already in the history
+    scheduled = [e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events]
+    assert [name for name in scheduled if name] == ["charge_customer", "brew_coffee", "send_receipt"]
+
+
 BAD_INPUT = [
     (["order", "--order-id", "1", "--drink", "tea", "--size", "M"], "invalid choice: 'tea' (choose from"),
     (["order", "--order-id", "1", "--drink", "latte", "--size", "XL"], "invalid choice: 'XL' (choose from"),
@@ -797,6 +962,83 @@ async def test_order_and_worker_without_a_server_say_how_to_get_one() -> None:
     for code, out, err in runs:
         assert (code, out) == (1, "")
         assert err.splitlines() == ["coffee.py: no Temporal server answered at 127.0.0.1:1.", start_one]
+
+
+@on_session_loop
+async def test_configuration_mistakes_get_one_line(dev_server: WorkflowEnvironment) -> None:
+    order = ["order", "--order-id", "1", "--drink", "latte", "--size", "M"]
+    no_namespace = "coffee.py: the Temporal server refused the request: Namespace nowhere is not found."
+    cases = [
+        (order, {"TEMPORAL_PROFILE": "nowhere"}, "coffee.py: could not read Temporal's client configuration:"),
+        (order, {"TEMPORAL_NAMESPACE": "nowhere"}, no_namespace),
+        (["worker"], {"TEMPORAL_NAMESPACE": "nowhere"}, no_namespace),
+    ]
+    runs = await asyncio.gather(
+        *(run_cli(*args, address=dev_address(dev_server), **environment) for args, environment, _ in cases)
+    )
+    for (args, environment, message), (code, _, err) in zip(cases, runs, strict=True):
+        assert code == 1, (args, environment)
+        assert len(err.splitlines()) == 1 and err.startswith(message), (args, environment, err)
+
+
+async def own_dev_server() -> WorkflowEnvironment:
+    """A dev server for one test alone, for a test that stops it."""
+    return await WorkflowEnvironment.start_local(
+        data_converter=pydantic_data_converter,
+        dev_server_existing_path=coffee.find_binary("temporal"),
+        dev_server_log_level="error",
+    )
+
+
+@on_session_loop
+async def test_a_lost_server_ends_the_wait_for_an_order_in_seconds() -> None:
+    server = await own_dev_server()
+    address = dev_address(server)
+    order_id = f"cli-{uuid.uuid4().hex[:8]}"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, COFFEE_PY, "order", "--order-id", order_id, "--drink", "latte", "--size", "M",
+        env={**os.environ, "TEMPORAL_ADDRESS": address},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        # No worker runs, so the order waits, and the CLI with it, until the server goes.
+        async with asyncio.timeout(10):
+            no_worker = (await process.stderr.readline()).decode()
+    finally:
+        await server.shutdown()
+    async with asyncio.timeout(20):
+        out, err = await process.communicate()
+    assert (process.returncode, out) == (1, b"")
+    hint = "No worker polls task queue 'coffee-orders' yet; the order waits until `python coffee.py worker` runs."
+    assert no_worker == hint + "\n"
+    lost, once_back = err.decode().splitlines()
+    assert lost.startswith(f"coffee.py: lost the Temporal server at {address} (")
+    show = f"`{coffee.temporal_cli()} workflow show -w order-{order_id}`"
+    assert once_back == f"Once it is back, {show} tells what became of order {order_id}."
+
+
+@on_session_loop
+async def test_a_worker_whose_server_is_lost_still_stops_on_sigterm() -> None:
+    server = await own_dev_server()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, COFFEE_PY, "worker",
+            env={**os.environ, "TEMPORAL_ADDRESS": dev_address(server)},
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(10):
+            while not await coffee.worker_is_polling(server.client, coffee.TASK_QUEUE):
+                await asyncio.sleep(0.05)
+    finally:
+        await server.shutdown()
+    assert process.stderr is not None
+    process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(10):
+        log = (await process.stderr.read()).decode()
+        assert await process.wait() == 0
+    assert "Traceback" not in log
+    assert log.splitlines()[-1].endswith("coffee.worker: Worker stopped")
 
 
 @on_session_loop
