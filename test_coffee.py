@@ -751,24 +751,25 @@ async def workflow_exists(handle: WorkflowHandle[Any, Any]) -> bool:
 
 
 @on_session_loop
-async def test_order_exits_1_when_the_order_fails(dev_server: WorkflowEnvironment) -> None:
-    activities = CoffeeActivities(ServiceFactory(settings()))
-
-    @activity.defn(name="brew_coffee")
-    async def broken_brew(order: OrderRequest) -> int:
-        raise ApplicationError("The machine is out of order", non_retryable=True)
-
-    mocked = [activities.charge_customer, broken_brew, activities.send_receipt, activities.refund_customer]
-    async with Worker(
-        dev_server.client, task_queue=coffee.TASK_QUEUE, workflows=[OrderCoffeeWorkflow], activities=mocked
-    ):
-        code, out, err = await run_cli(
-            "order", "--order-id", f"cli-{uuid.uuid4().hex[:8]}", "--drink", "latte", "--size", "M",
-            address=dev_address(dev_server),
-        )  # fmt: skip
+async def test_order_exits_1_when_five_jams_fail_the_order(time_skipping: WorkflowEnvironment) -> None:
+    services = ServiceFactory(settings(brew_failure_rate=1.0))
+    order_id = f"cli-{uuid.uuid4().hex[:8]}"
+    async with worker(time_skipping.client, services, task_queue=coffee.TASK_QUEUE):
+        placing = asyncio.create_task(
+            run_cli(
+                "order", "--order-id", order_id, "--drink", "latte", "--size", "M", address=dev_address(time_skipping)
+            )
+        )
+        handle = time_skipping.client.get_workflow_handle(f"order-{order_id}")
+        async with asyncio.timeout(10):
+            while not await workflow_exists(handle):
+                await asyncio.sleep(0.05)
+            await time_skipping.sleep(timedelta(seconds=30))  # skips the 15 s of back-off between the five brews
+            code, out, err = await placing
     assert code == 1, err
     result = OrderResult.model_validate_json(out)
     assert (result.status, result.charged, result.brewed, result.refunded) == ("FAILED", True, False, True)
+    assert ledger(services) == [("charge", 525), ("refund", 525)]
 
 
 @on_session_loop
