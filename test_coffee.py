@@ -751,6 +751,29 @@ async def workflow_exists(handle: WorkflowHandle[Any, Any]) -> bool:
 
 
 @on_session_loop
+async def test_a_stopped_order_command_leaves_the_order_running(dev_server: WorkflowEnvironment) -> None:
+    order_id = f"cli-{uuid.uuid4().hex[:8]}"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, COFFEE_PY, "order", "--order-id", order_id, "--drink", "latte", "--size", "M",
+        env={**os.environ, "TEMPORAL_ADDRESS": dev_address(dev_server)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    handle = dev_server.client.get_workflow_handle(f"order-{order_id}")
+    try:
+        async with asyncio.timeout(10):  # no worker runs, so the order waits, and the command with it
+            while not await workflow_exists(handle):
+                await asyncio.sleep(0.05)
+            process.send_signal(signal.SIGINT)
+            out, err = await process.communicate()
+        assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    finally:
+        await handle.terminate()
+    assert (process.returncode, out) == (130, b"")
+    show = f"`{coffee.temporal_cli()} workflow show -w order-{order_id}`"
+    assert err.decode().splitlines()[-1] == f"Stopped waiting. The order goes on; see it with {show}."
+
+
+@on_session_loop
 async def test_order_exits_1_when_five_jams_fail_the_order(time_skipping: WorkflowEnvironment) -> None:
     services = ServiceFactory(settings(brew_failure_rate=1.0))
     order_id = f"cli-{uuid.uuid4().hex[:8]}"
