@@ -637,6 +637,7 @@ async def test_a_charge_that_lands_after_a_cancel_is_refunded(dev_server: Workfl
         ("signal", "Cancel request declined: the order is already SENDING_RECEIPT"),
         ("cancel", "Cancel request declined: the coffee was already brewed"),
     ],
+    ids=["signal", "cancel"],
 )
 async def test_a_cancel_after_brewing_is_declined_and_the_order_completes(
     dev_server: WorkflowEnvironment, way: str, note: str
@@ -830,7 +831,7 @@ async def test_the_worker_process_serves_orders_with_its_flags(dev_server: Workf
 
 
 @on_session_loop
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
 async def test_the_worker_stops_cleanly_on_ctrl_c_and_sigterm(
     dev_server: WorkflowEnvironment, stop_signal: signal.Signals
 ) -> None:
@@ -891,6 +892,7 @@ async def test_another_client_drives_an_order_by_its_names_alone(dev_server: Wor
         (signal.SIGTERM, "1", 1),  # a gentle stop: the worker finishes the brew it holds, then exits
         (signal.SIGKILL, "30", 2),  # a crash: the brew's heartbeats stop, and after 2 s it runs again elsewhere
     ],
+    ids=["sigterm", "sigkill"],
 )
 async def test_an_order_outlives_the_worker_that_began_it(
     dev_server: WorkflowEnvironment, stop_signal: signal.Signals, brew_seconds: str, brew_attempts: int
@@ -1127,7 +1129,7 @@ async def test_the_demo_explains_a_dev_server_that_will_not_start(monkeypatch: p
 
 
 @on_session_loop
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
 async def test_a_stopped_demo_takes_its_server_with_it(dev_server: WorkflowEnvironment, stop_signal: int) -> None:
     servers_before = dev_servers_running()
     process = await asyncio.create_subprocess_exec(
