@@ -128,6 +128,19 @@ def dev_address(env: WorkflowEnvironment) -> str:
     return env.client.service_client.config.target_host
 
 
+def completed_latte(order_id: str) -> OrderResult:
+    """The seed's result for a medium latte that went well: charged 450 + 75 = 525 cents, brewed, receipt sent."""
+    return OrderResult(
+        order_id=order_id,
+        status=OrderStatus.COMPLETED,
+        charged=True,
+        brewed=True,
+        receipt_sent=True,
+        amount_cents=525,
+        refunded=False,
+    )
+
+
 # --- Models and pricing ---
 
 
@@ -290,15 +303,7 @@ async def test_happy_path_charges_525_brews_and_sends_the_receipt(time_skipping:
     async with worker(time_skipping.client, services) as queue:
         handle = await start(time_skipping.client, order, queue)
         result = await handle.result()
-    assert result == OrderResult(
-        order_id=order.order_id,
-        status=OrderStatus.COMPLETED,
-        charged=True,
-        brewed=True,
-        receipt_sent=True,
-        amount_cents=525,
-        refunded=False,
-    )
+    assert result == completed_latte(order.order_id)
     assert ledger(services, order) == [("charge", 525)]
 
 
@@ -349,24 +354,16 @@ async def test_five_jams_fail_the_order_and_refund_the_charge(time_skipping: Wor
         history = await handle.fetch_history()
     # 1 + 2 + 4 + 8 s of back-off between the five attempts, skipped rather than slept.
     assert time.monotonic() - started < 10
-    brew_started = [
+    # The server records each activity's last attempt: the charge's first, the brew's fifth, the refund's first.
+    attempts = [
         e.activity_task_started_event_attributes.attempt
         for e in history.events
-        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED and e.event_id == brew_scheduled_id(history) + 1
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED
     ]
-    assert brew_started == [5]  # the server records the last attempt of a retried activity
+    assert attempts == [1, 5, 1]
     assert (result.status, result.brewed, result.refunded) == (OrderStatus.FAILED, False, True)
     assert state.last_error == f"BrewMachineJammed: Brew machine jammed for order {order.order_id}!"
     assert ledger(services, order) == [("charge", 525), ("refund", 525)]
-
-
-def brew_scheduled_id(history: WorkflowHistory) -> int:
-    [event_id] = [
-        e.event_id
-        for e in history.events
-        if e.activity_task_scheduled_event_attributes.activity_type.name == "brew_coffee"
-    ]
-    return event_id
 
 
 @on_session_loop
@@ -668,15 +665,7 @@ async def test_order_prints_the_seed_result_as_json(dev_server: WorkflowEnvironm
             "order", "--order-id", order_id, "--drink", "latte", "--size", "M", address=dev_address(dev_server)
         )
     assert code == 0, err
-    assert OrderResult.model_validate_json(out) == OrderResult(
-        order_id=order_id,
-        status=OrderStatus.COMPLETED,
-        charged=True,
-        brewed=True,
-        receipt_sent=True,
-        amount_cents=525,
-        refunded=False,
-    )
+    assert OrderResult.model_validate_json(out) == completed_latte(order_id)
     assert list(OrderResult.model_validate_json(out).model_dump()) == [
         "order_id", "status", "charged", "brewed", "receipt_sent", "amount_cents", "refunded"
     ]  # fmt: skip
