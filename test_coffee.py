@@ -879,9 +879,10 @@ async def test_another_client_drives_an_order_by_its_names_alone(dev_server: Wor
     "stop_signal, brew_seconds, brew_attempts",
     [
         (signal.SIGTERM, "1", 1),  # a gentle stop: the worker finishes the brew it holds, then exits
+        (signal.SIGTERM, "30", 2),  # a brew too long to wait 5 s for is handed back, to run again elsewhere
         (signal.SIGKILL, "30", 2),  # a crash: the brew's heartbeats stop, and after 2 s it runs again elsewhere
     ],
-    ids=["sigterm", "sigkill"],
+    ids=["sigterm", "sigterm-long-brew", "sigkill"],
 )
 async def test_an_order_outlives_the_worker_that_began_it(
     dev_server: WorkflowEnvironment, stop_signal: signal.Signals, brew_seconds: str, brew_attempts: int
@@ -901,7 +902,7 @@ async def test_an_order_outlives_the_worker_that_began_it(
         first_log = (await first.stderr.read()).decode()
         assert await first.wait() == (0 if stop_signal == signal.SIGTERM else -signal.SIGKILL)
     assert first_log.count(f"Charging order {order.order_id} for 525 cents") == 1
-    assert (f"Brew complete for order {order.order_id}" in first_log) == (stop_signal == signal.SIGTERM)
+    assert (f"Brew complete for order {order.order_id}" in first_log) == (brew_attempts == 1)
 
     second = ServiceFactory(settings())
     async with worker(dev_server.client, second, task_queue=coffee.TASK_QUEUE):
