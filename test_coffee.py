@@ -109,8 +109,9 @@ async def wait_for_status(handle: WorkflowHandle[OrderCoffeeWorkflow, OrderResul
             await asyncio.sleep(0.05)
 
 
-async def run_cli(*args: str, address: str, **environment: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
+async def spawn(*args: str, address: str, **environment: str) -> asyncio.subprocess.Process:
+    """Start coffee.py as a user would, against the server at this address, its output piped to the test."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         COFFEE_PY,
         *args,
@@ -118,6 +119,10 @@ async def run_cli(*args: str, address: str, **environment: str) -> tuple[int, st
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def run_cli(*args: str, address: str, **environment: str) -> tuple[int, str, str]:
+    process = await spawn(*args, address=address, **environment)
     async with asyncio.timeout(60):
         out, err = await process.communicate()
     assert process.returncode is not None
@@ -719,9 +724,7 @@ async def test_order_reports_a_cancel_from_outside_as_cancelled(dev_server: Work
             run_cli("order", "--order-id", order_id, "--drink", "latte", "--size", "M", address=dev_address(dev_server))
         )
         handle = dev_server.client.get_workflow_handle_for(OrderCoffeeWorkflow.run, f"order-{order_id}")
-        async with asyncio.timeout(10):
-            while not await workflow_exists(handle):
-                await asyncio.sleep(0.05)
+        await wait_until_started(handle)
         await wait_for_status(handle, OrderStatus.BREWING)
         await handle.cancel()
         code, out, err = await cli
@@ -732,28 +735,27 @@ async def test_order_reports_a_cancel_from_outside_as_cancelled(dev_server: Work
     assert ledger(services) == [("charge", 525), ("refund", 525)]
 
 
-async def workflow_exists(handle: WorkflowHandle[Any, Any]) -> bool:
-    try:
-        await handle.describe()
-    except RPCError:
-        return False
-    return True
+async def wait_until_started(handle: WorkflowHandle[Any, Any]) -> None:
+    """Wait until the workflow that another process is starting exists."""
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                await handle.describe()
+                return
+            except RPCError:
+                await asyncio.sleep(0.05)
 
 
 @on_session_loop
 async def test_a_stopped_order_command_leaves_the_order_running(dev_server: WorkflowEnvironment) -> None:
     order_id = f"cli-{uuid.uuid4().hex[:8]}"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, COFFEE_PY, "order", "--order-id", order_id, "--drink", "latte", "--size", "M",
-        env={**os.environ, "TEMPORAL_ADDRESS": dev_address(dev_server)},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    latte = ["order", "--order-id", order_id, "--drink", "latte", "--size", "M"]
+    process = await spawn(*latte, address=dev_address(dev_server))
     handle = dev_server.client.get_workflow_handle(f"order-{order_id}")
     try:
-        async with asyncio.timeout(10):  # no worker runs, so the order waits, and the command with it
-            while not await workflow_exists(handle):
-                await asyncio.sleep(0.05)
-            process.send_signal(signal.SIGINT)
+        await wait_until_started(handle)  # no worker runs, so the order waits, and the command with it
+        process.send_signal(signal.SIGINT)
+        async with asyncio.timeout(10):
             out, err = await process.communicate()
         assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
     finally:
@@ -773,10 +775,8 @@ async def test_order_exits_1_when_five_jams_fail_the_order(time_skipping: Workfl
                 "order", "--order-id", order_id, "--drink", "latte", "--size", "M", address=dev_address(time_skipping)
             )
         )
-        handle = time_skipping.client.get_workflow_handle(f"order-{order_id}")
+        await wait_until_started(time_skipping.client.get_workflow_handle(f"order-{order_id}"))
         async with asyncio.timeout(10):
-            while not await workflow_exists(handle):
-                await asyncio.sleep(0.05)
             await time_skipping.sleep(timedelta(seconds=30))  # skips the 15 s of back-off between the five brews
             code, out, err = await placing
     assert code == 1, err
@@ -798,11 +798,7 @@ async def test_connect_follows_temporal_environment_configuration(
 
 @on_session_loop
 async def test_the_worker_process_serves_orders_with_its_flags(dev_server: WorkflowEnvironment) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, COFFEE_PY, "worker", "--brew-seconds", "0", "--brew-failure-rate", "0",
-        env={**os.environ, "TEMPORAL_ADDRESS": dev_address(dev_server)},
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    process = await spawn("worker", "--brew-seconds", "0", "--brew-failure-rate", "0", address=dev_address(dev_server))
     assert process.stderr is not None
     try:
         async with asyncio.timeout(20):
@@ -824,11 +820,7 @@ async def test_the_worker_process_serves_orders_with_its_flags(dev_server: Workf
 async def test_the_worker_stops_cleanly_on_ctrl_c_and_sigterm(
     dev_server: WorkflowEnvironment, stop_signal: signal.Signals
 ) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, COFFEE_PY, "worker",
-        env={**os.environ, "TEMPORAL_ADDRESS": dev_address(dev_server)},
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    process = await spawn("worker", address=dev_address(dev_server))
     assert process.stderr is not None
     async with asyncio.timeout(20):
         assert b"Worker polling task queue 'coffee-orders'" in await process.stderr.readline()
@@ -852,8 +844,9 @@ async def test_another_client_drives_an_order_by_its_names_alone(dev_server: Wor
             )
         )
         handle = raw.get_workflow_handle(f"order-{order_id}")
+        await wait_until_started(handle)
         async with asyncio.timeout(10):
-            while not await workflow_exists(handle) or (await handle.query("get_status"))["status"] != "BREWING":
+            while (await handle.query("get_status"))["status"] != "BREWING":
                 await asyncio.sleep(0.05)
         await handle.signal("cancel_order")
         result = await handle.result()
@@ -887,11 +880,9 @@ async def test_another_client_drives_an_order_by_its_names_alone(dev_server: Wor
 async def test_an_order_outlives_the_worker_that_began_it(
     dev_server: WorkflowEnvironment, stop_signal: signal.Signals, brew_seconds: str, brew_attempts: int
 ) -> None:
-    first = await asyncio.create_subprocess_exec(
-        sys.executable, COFFEE_PY, "worker", "--brew-seconds", brew_seconds, "--brew-failure-rate", "0",
-        env={**os.environ, "TEMPORAL_ADDRESS": dev_address(dev_server)},
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    first = await spawn(
+        "worker", "--brew-seconds", brew_seconds, "--brew-failure-rate", "0", address=dev_address(dev_server)
+    )
     assert first.stderr is not None
     order = new_order()
     async with asyncio.timeout(20):
@@ -1011,11 +1002,7 @@ async def test_a_lost_server_ends_the_wait_for_an_order_in_seconds() -> None:
     server = await own_dev_server()
     address = dev_address(server)
     order_id = f"cli-{uuid.uuid4().hex[:8]}"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, COFFEE_PY, "order", "--order-id", order_id, "--drink", "latte", "--size", "M",
-        env={**os.environ, "TEMPORAL_ADDRESS": address},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    process = await spawn("order", "--order-id", order_id, "--drink", "latte", "--size", "M", address=address)
     assert process.stderr is not None
     try:
         # No worker runs, so the order waits, and the CLI with it, until the server goes.
@@ -1038,11 +1025,7 @@ async def test_a_lost_server_ends_the_wait_for_an_order_in_seconds() -> None:
 async def test_a_worker_whose_server_is_lost_still_stops_on_sigterm() -> None:
     server = await own_dev_server()
     try:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, COFFEE_PY, "worker",
-            env={**os.environ, "TEMPORAL_ADDRESS": dev_address(server)},
-            stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        process = await spawn("worker", address=dev_address(server))
         async with asyncio.timeout(10):
             while not await coffee.worker_is_polling(server.client, coffee.TASK_QUEUE):
                 await asyncio.sleep(0.05)
@@ -1122,19 +1105,15 @@ async def test_the_demo_explains_a_dev_server_that_will_not_start(monkeypatch: p
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
 async def test_a_stopped_demo_takes_its_server_with_it(dev_server: WorkflowEnvironment, stop_signal: int) -> None:
     servers_before = dev_servers_running()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, COFFEE_PY, "demo",
-        env={**os.environ, "TEMPORAL_ADDRESS": "127.0.0.1:1"},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
+    process = await spawn("demo", address="127.0.0.1:1")
     assert process.stdout is not None
     async with asyncio.timeout(20):
         while not (await process.stdout.readline()).startswith(b"1. A medium latte"):
             pass
         assert dev_servers_running() == servers_before + 1
         process.send_signal(stop_signal)
-        rest = (await process.stdout.read()).decode()
-        assert await process.wait() == 130
-    assert rest.splitlines()[-1] == "Demo stopped."
-    assert "Traceback" not in rest
+        rest, log = await process.communicate()
+    assert process.returncode == 130
+    assert rest.decode().splitlines()[-1] == "Demo stopped."
+    assert b"Traceback" not in rest + log
     assert dev_servers_running() == servers_before
