@@ -27,7 +27,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError, CancelledError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, Worker
 from temporalio.workflow import NondeterminismError
@@ -109,9 +109,12 @@ async def wait_for_status(handle: WorkflowHandle[OrderCoffeeWorkflow, OrderResul
             await asyncio.sleep(0.05)
 
 
+SPAWNED: list[asyncio.subprocess.Process] = []
+
+
 async def spawn(*args: str, address: str, **environment: str) -> asyncio.subprocess.Process:
     """Start coffee.py as a user would, against the server at this address, its output piped to the test."""
-    return await asyncio.create_subprocess_exec(
+    process = await asyncio.create_subprocess_exec(
         sys.executable,
         COFFEE_PY,
         *args,
@@ -119,6 +122,19 @@ async def spawn(*args: str, address: str, **environment: str) -> asyncio.subproc
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+    SPAWNED.append(process)
+    return process
+
+
+@pytest_asyncio.fixture(autouse=True, loop_scope="session")
+async def no_process_left_behind() -> AsyncIterator[None]:
+    """A process that a test started and, failing early, did not end, ends with the test."""
+    yield
+    while SPAWNED:
+        process = SPAWNED.pop()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 async def run_cli(*args: str, address: str, **environment: str) -> tuple[int, str, str]:
@@ -484,6 +500,31 @@ async def test_get_status_reports_the_order_while_it_brews(dev_server: WorkflowE
     assert final.brew_attempts == 1
 
 
+@on_session_loop
+async def test_following_an_order_rides_out_a_query_that_no_worker_answers(
+    dev_server: WorkflowEnvironment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with worker(dev_server.client, ServiceFactory(settings())) as queue:
+        handle = await start(dev_server.client, new_order(), queue)
+        await handle.result()
+        answer = handle.query
+        asked = 0
+
+        async def unanswered_once(*args: Any, **kwargs: Any) -> Any:
+            nonlocal asked
+            asked += 1
+            if asked == 1:  # what the server says while no worker runs: at once, or after 30 s of waiting
+                raise RPCError("no poller seen for task queue recently", RPCStatusCode.FAILED_PRECONDITION, b"")
+            return await answer(*args, **kwargs)
+
+        monkeypatch.setattr(handle, "query", unanswered_once)
+        seen: list[str] = []
+        async with asyncio.timeout(5):
+            await coffee.follow_state(handle, lambda state, new_events: seen.extend(new_events))
+    assert asked == 2
+    assert seen[-1] == "COMPLETED"
+
+
 @asynccontextmanager
 async def espresso_brewing(
     env: WorkflowEnvironment, services: ServiceFactory
@@ -684,6 +725,7 @@ async def test_order_query_prints_each_state_then_the_result(dev_server: Workflo
             address=dev_address(dev_server),
         )  # fmt: skip
     assert code == 0, err
+    print(out)
     *states, result = out.split("\n{")
     assert '"status":"BREWING"' in "".join(states)
     assert '"status": "COMPLETED"' in result
@@ -880,28 +922,38 @@ async def test_another_client_drives_an_order_by_its_names_alone(dev_server: Wor
 async def test_an_order_outlives_the_worker_that_began_it(
     dev_server: WorkflowEnvironment, stop_signal: signal.Signals, brew_seconds: str, brew_attempts: int
 ) -> None:
-    first = await spawn(
-        "worker", "--brew-seconds", brew_seconds, "--brew-failure-rate", "0", address=dev_address(dev_server)
-    )
+    flags = ["--brew-seconds", brew_seconds, "--brew-failure-rate", "0"]
+    first = await spawn("worker", *flags, address=dev_address(dev_server))
     assert first.stderr is not None
-    order = new_order()
+    order_id = f"cli-{uuid.uuid4().hex[:8]}"
     async with asyncio.timeout(20):
         await first.stderr.readline()  # the worker says it is polling
-        handle = await start(dev_server.client, order, coffee.TASK_QUEUE)
+        # The customer follows the order with --query throughout, across the change of worker.
+        placing = asyncio.create_task(
+            run_cli(
+                "order", "--order-id", order_id, "--drink", "latte", "--size", "M", "--query",
+                address=dev_address(dev_server),
+            )
+        )  # fmt: skip
+        handle = dev_server.client.get_workflow_handle_for(OrderCoffeeWorkflow.run, f"order-{order_id}")
+        await wait_until_started(handle)
         await wait_for_status(handle, OrderStatus.BREWING)
         first.send_signal(stop_signal)
         first_log = (await first.stderr.read()).decode()
         assert await first.wait() == (0 if stop_signal == signal.SIGTERM else -signal.SIGKILL)
-    assert first_log.count(f"Charging order {order.order_id} for 525 cents") == 1
-    assert (f"Brew complete for order {order.order_id}" in first_log) == (brew_attempts == 1)
+    assert first_log.count(f"Charging order {order_id} for 525 cents") == 1
+    assert (f"Brew complete for order {order_id}" in first_log) == (brew_attempts == 1)
 
     second = ServiceFactory(settings())
     async with worker(dev_server.client, second, task_queue=coffee.TASK_QUEUE):
         async with asyncio.timeout(30):
-            result = await handle.result()
+            code, out, err = await placing
         state = await handle.query(OrderCoffeeWorkflow.get_status)
     history = await handle.fetch_history()
-    assert (result.status, result.amount_cents, result.receipt_sent) == (OrderStatus.COMPLETED, 525, True)
+    assert code == 0, err
+    *states, result = out.split("\n{")
+    assert OrderResult.model_validate_json("{" + result) == completed_latte(order_id)
+    assert '"status":"COMPLETED"' in states[-1]  # the last state the query showed
     assert state.brew_attempts == brew_attempts
     assert ledger(second) == []  # the second worker never charged: the charge's result was already in the history
     scheduled = [e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events]
