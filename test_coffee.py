@@ -55,14 +55,18 @@ COFFEE_PY = str(Path(__file__).with_name("coffee.py"))
 LATTE_M = dict(drink=Drink.LATTE, size=Size.M)
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def dev_server() -> AsyncIterator[WorkflowEnvironment]:
-    env = await WorkflowEnvironment.start_local(
+async def start_dev_server() -> WorkflowEnvironment:
+    """A dev server from the venv's `temporal` binary, quiet but for errors."""
+    return await WorkflowEnvironment.start_local(
         data_converter=pydantic_data_converter,
         dev_server_existing_path=coffee.find_binary("temporal"),
         dev_server_log_level="error",
     )
-    async with env:
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def dev_server() -> AsyncIterator[WorkflowEnvironment]:
+    async with await start_dev_server() as env:
         yield env
 
 
@@ -1040,18 +1044,9 @@ async def test_configuration_mistakes_get_one_line(dev_server: WorkflowEnvironme
         assert len(err.splitlines()) == 1 and err.startswith(message), (args, environment, err)
 
 
-async def own_dev_server() -> WorkflowEnvironment:
-    """A dev server for one test alone, for a test that stops it."""
-    return await WorkflowEnvironment.start_local(
-        data_converter=pydantic_data_converter,
-        dev_server_existing_path=coffee.find_binary("temporal"),
-        dev_server_log_level="error",
-    )
-
-
 @on_session_loop
 async def test_a_lost_server_ends_the_wait_for_an_order_in_seconds() -> None:
-    server = await own_dev_server()
+    server = await start_dev_server()  # this test's own, to lose
     address = dev_address(server)
     order_id = f"cli-{uuid.uuid4().hex[:8]}"
     process = await spawn("order", "--order-id", order_id, "--drink", "latte", "--size", "M", address=address)
@@ -1075,7 +1070,7 @@ async def test_a_lost_server_ends_the_wait_for_an_order_in_seconds() -> None:
 
 @on_session_loop
 async def test_a_worker_whose_server_is_lost_still_stops_on_sigterm() -> None:
-    server = await own_dev_server()
+    server = await start_dev_server()  # this test's own, to lose
     try:
         process = await spawn("worker", address=dev_address(server))
         async with asyncio.timeout(10):
