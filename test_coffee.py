@@ -86,7 +86,7 @@ def new_order(drink: Drink = Drink.LATTE, size: Size = Size.M) -> OrderRequest:
 
 def settings(**overrides: Any) -> ServiceSettings:
     """Instant brews that never jam, unless a test says otherwise."""
-    return dataclasses.replace(ServiceSettings(brew_failure_rate=0.0, brew_seconds=0.0), **overrides)
+    return ServiceSettings(brew_failure_rate=0.0, brew_seconds=0.0)._replace(**overrides)
 
 
 @asynccontextmanager
