@@ -798,17 +798,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="run a worker and three narrated orders in one process")
     worker = commands.add_parser("worker", help=f"run a worker on task queue {TASK_QUEUE!r}")
+    defaults = ServiceSettings()
     worker.add_argument(
         "--brew-failure-rate",
         type=fraction,
-        default=ServiceSettings.brew_failure_rate,
+        default=defaults.brew_failure_rate,
         metavar="RATE",
         help="share of brews that jam (default %(default)s)",
     )
     worker.add_argument(
         "--brew-seconds",
         type=seconds,
-        default=ServiceSettings.brew_seconds,
+        default=defaults.brew_seconds,
         metavar="SECONDS",
         help="how long a brew takes (default %(default)s)",
     )

@@ -842,6 +842,14 @@ async def test_connect_follows_temporal_environment_configuration(
     assert client.data_converter is pydantic_data_converter
 
 
+def test_a_worker_without_flags_brews_as_the_seed_does(capsys: pytest.CaptureFixture[str]) -> None:
+    args = coffee.parse_args(["worker"])
+    assert (args.brew_failure_rate, args.brew_seconds) == (0.3, 2.5)
+    with pytest.raises(SystemExit):
+        coffee.parse_args(["worker", "--help"])
+    assert "(default 0.3)" in capsys.readouterr().out
+
+
 @on_session_loop
 async def test_the_worker_process_serves_orders_with_its_flags(dev_server: WorkflowEnvironment) -> None:
     process = await spawn("worker", "--brew-seconds", "0", "--brew-failure-rate", "0", address=dev_address(dev_server))
