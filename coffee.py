@@ -497,14 +497,15 @@ async def finish_despite_cancel(step: workflow.ActivityHandle[T]) -> T:
 # --- Worker: polls the task queue and runs the workflow and activities ---
 
 
-def new_worker(client: Client, services: ServiceFactory, task_queue: str = TASK_QUEUE) -> Worker:
+def new_worker(
+    client: Client, services: ServiceFactory, task_queue: str = TASK_QUEUE, grace: timedelta = timedelta()
+) -> Worker:
     return Worker(
         client,
         task_queue=task_queue,
         workflows=[OrderCoffeeWorkflow],
         activities=CoffeeActivities(services).all(),
-        # On shutdown, give a running brew time to finish before handing it back to the server.
-        graceful_shutdown_timeout=timedelta(seconds=5),
+        graceful_shutdown_timeout=grace,  # how long a running activity may go on after the worker is told to stop
     )
 
 
@@ -514,7 +515,8 @@ async def run_worker(settings: ServiceSettings) -> None:
     await client.workflow_service.describe_namespace(DescribeNamespaceRequest(namespace=client.namespace))
     log = logging.getLogger("coffee.worker")
     try:
-        async with new_worker(client, ServiceFactory(settings)):
+        # On SIGTERM, give a running brew time to finish rather than brew it again elsewhere.
+        async with new_worker(client, ServiceFactory(settings), grace=timedelta(seconds=5)):
             target = client.service_client.config.target_host
             log.info("Worker polling task queue %r on %s; Ctrl-C to stop", TASK_QUEUE, target)
             await asyncio.Event().wait()  # until Ctrl-C or SIGTERM cancels this task
