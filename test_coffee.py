@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -189,6 +190,10 @@ async def test_demo_runs_three_orders_on_its_own_server_and_leaves_none_behind(
     assert "Brew stopped for order espresso-" in output
     assert "payment ledger: charge 350, refund 350\n" in output
     assert "/namespaces/default/workflows/order-latte-" in output  # each order's link in the web UI
+    # Where the time went: brewing (latte 1.25 s to the jam + 2.5 s, mocha 2.5 s, espresso 1 s or more), 1 s back-off.
+    took, waited, brewing, back_off, other = map(float, re.findall(r"(\d+\.\d) s", output.split("Demo took ")[1]))
+    assert brewing >= 7.25 and back_off == 1.0 and waited == pytest.approx(brewing + back_off, abs=0.11)
+    assert other == pytest.approx(took - waited) and other > 0
     ui_port = output.split("Web UI: http://127.0.0.1:")[1].split("/")[0]
     assert not any(f"--ui-port {ui_port} " in command for _, command in dev_servers())
 
