@@ -167,7 +167,8 @@ class PaymentService:
     """A pretend payment provider that, like a real one, honours idempotency keys.
 
     A retried call with a key it has seen returns the first outcome and moves no money.
-    The ledger lives in memory and grows by one entry per charge or refund.
+    The ledger lives in memory and grows by one entry, about 0.3 KB, per charge or refund: the
+    only thing a worker keeps per order. A real provider keeps these records on its side.
     """
 
     def __init__(self) -> None:
