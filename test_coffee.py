@@ -118,7 +118,9 @@ def services(brewing: BrewService | None = None, **overrides: Any) -> ServiceFac
 
 def ledger(factory: ServiceFactory, order: OrderRequest | None = None) -> list[tuple[str, int]]:
     """The money moved, for one order or for all."""
-    return [(e.kind, e.amount_cents) for e in factory.payment.ledger if order is None or e.order_id == order.order_id]
+    return [
+        (kind, cents) for kind, order_id, cents in factory.payment.ledger if not order or order_id == order.order_id
+    ]
 
 
 @asynccontextmanager
