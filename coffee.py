@@ -587,8 +587,7 @@ async def start_order(client: Client, order: OrderRequest, task_queue: str = TAS
     # A handle by id alone follows the order's latest run, so a reset's new run too.
     handle = client.get_workflow_handle_for(OrderCoffeeWorkflow.run, workflow_id)
     if await (await handle.describe()).memo_value("order", None, type_hint=OrderRequest) != order:
-        raise CommandError(f"coffee.py: order {order.order_id} was placed before with other details; see it with "
-                           f"`temporal workflow show -w {workflow_id}`, or choose another --order-id.")  # fmt: skip
+        raise CommandError(f"coffee.py: order {order.order_id} was placed before for another drink or size.")
     return handle
 
 
