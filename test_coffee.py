@@ -132,7 +132,8 @@ async def worker(client: Client, factory: ServiceFactory, task_queue: str | None
 
 
 async def start(client: Client, order: OrderRequest, queue: str) -> OrderHandle:
-    return await coffee.start_order(client, order, task_queue=queue)
+    # The handle that start_workflow returns is the one that lets a time-skipping server skip time while we wait.
+    return await client.start_workflow(OrderCoffeeWorkflow.run, order, id=f"order-{order.order_id}", task_queue=queue)
 
 
 def completed_latte(order_id: str) -> OrderResult:
@@ -725,7 +726,10 @@ async def test_a_cancel_from_temporal_does_not_stop_a_refund_that_is_retrying(de
 
     queue = f"test-{uuid.uuid4()}"
     mocked = [activities.charge_customer, activities.brew_coffee, activities.send_receipt, refund_that_fails_once]
-    async with Worker(dev_server.client, task_queue=queue, workflows=[OrderCoffeeWorkflow], activities=mocked):
+    async with Worker(
+        dev_server.client, task_queue=queue, workflows=[OrderCoffeeWorkflow], activities=mocked,
+        max_heartbeat_throttle_interval=timedelta(seconds=1),  # as coffee.new_worker has it
+    ):  # fmt: skip
         handle = await start(dev_server.client, new_order(Drink.ESPRESSO, Size.S), queue)
         await wait_for_status(handle, OrderStatus.BREWING)
         await handle.signal(OrderCoffeeWorkflow.cancel_order)
@@ -918,7 +922,8 @@ async def test_a_worker_killed_mid_brew_then_a_cancel_on_the_next_refunds_in_ful
 
 async def test_a_reset_after_the_charge_then_a_cancel_refunds_in_full(dev_server: WorkflowEnvironment) -> None:
     factory = services(brew_seconds=60)
-    async with espresso_brewing(dev_server, factory) as handle:
+    async with espresso_brewing(dev_server, factory) as first:
+        handle = dev_server.client.get_workflow_handle_for(OrderCoffeeWorkflow.run, first.id)  # the latest run
         first_run = (await handle.describe()).run_id
         # Back to the workflow task that scheduled the brew: a new run, which brews again.
         await temporal(dev_server, "workflow", "reset", "-w", handle.id, "--type", "LastWorkflowTask", "--reason", "t")
@@ -938,7 +943,7 @@ async def test_a_finished_order_reset_to_its_start_is_not_charged_again(dev_serv
     factory = services()
     order = new_order()
     async with worker(dev_server.client, factory) as queue:
-        handle = await start(dev_server.client, order, queue)
+        handle = await coffee.start_order(dev_server.client, order, queue)  # a handle to the latest run
         await handle.result()
         first_run = (await handle.describe()).run_id
         await temporal(dev_server, "workflow", "reset", "-w", handle.id, "--type", "FirstWorkflowTask", "--reason", "t")
@@ -964,7 +969,7 @@ async def test_an_activity_result_that_will_not_decode_pauses_the_order_and_move
     queue = f"test-{uuid.uuid4()}"
     newer = [charge_with_a_new_result, activities.brew_coffee, activities.send_receipt, activities.refund_customer]
     async with Worker(dev_server.client, task_queue=queue, workflows=[OrderCoffeeWorkflow], activities=newer):
-        handle = await start(dev_server.client, order, queue)
+        handle = await coffee.start_order(dev_server.client, order, queue)  # a handle to the latest run
         await wait_for_event(handle, EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED)
         assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
     assert ledger(factory) == [("charge", 525)]
