@@ -1114,6 +1114,33 @@ async def test_order_says_in_two_lines_that_a_terminated_order_could_not_compens
     ]
 
 
+async def test_order_says_so_when_its_workflow_times_out(dev_server: WorkflowEnvironment) -> None:
+    order = new_order()
+    # Another client placed it with an execution timeout, and no worker runs: the timeout ends it.
+    await dev_server.client.start_workflow(
+        OrderCoffeeWorkflow.run, order, id=f"order-{order.order_id}", task_queue=f"test-{uuid.uuid4()}",
+        memo={"order": order}, execution_timeout=timedelta(seconds=2),
+    )  # fmt: skip
+    code, out, err = await run_cli(*latte_args(order.order_id), server=address(dev_server))
+    assert (code, out) == (1, "")
+    assert err.splitlines()[0] == (
+        f"coffee.py: the workflow order-{order.order_id} timed out, so it could not refund a charge or finish."
+    )
+
+
+async def test_credentials_the_server_refuses_get_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def refused() -> Client:
+        raise RPCError("Request unauthorized.", RPCStatusCode.UNAUTHENTICATED, b"")
+
+    monkeypatch.setattr(coffee, "connect", refused)
+    monkeypatch.setenv("TEMPORAL_ADDRESS", "shop.a1b2c.tmprl.cloud:7233")
+    with pytest.raises(coffee.CommandError) as caught:
+        await coffee.connect_or_explain()
+    assert str(caught.value) == (
+        "coffee.py: the server at shop.a1b2c.tmprl.cloud:7233 refused these credentials: Request unauthorized."
+    )
+
+
 async def test_a_stopped_order_command_leaves_the_order_running(dev_server: WorkflowEnvironment) -> None:
     order_id = f"cli-{uuid.uuid4().hex[:8]}"
     process = await spawn(*latte_args(order_id), server=address(dev_server))
