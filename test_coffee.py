@@ -998,14 +998,32 @@ async def test_order_prints_the_seed_result_as_json(dev_server: WorkflowEnvironm
 
 
 async def test_order_query_prints_each_state_then_the_result(dev_server: WorkflowEnvironment) -> None:
-    async with worker(dev_server.client, services(brew_seconds=0.5), task_queue=coffee.TASK_QUEUE):
+    factory = services()
+    activities = CoffeeActivities(factory)
+    seen_brewing = asyncio.Event()
+
+    @activity.defn(name="brew_coffee")
+    async def brew_once_seen(order: OrderRequest) -> int:
+        await seen_brewing.wait()  # so that the test, not the clock, decides when the brew ends
+        return await activities.brew_coffee(order)
+
+    held = [activities.charge_customer, brew_once_seen, activities.send_receipt, activities.refund_customer]
+    async with Worker(
+        dev_server.client, task_queue=coffee.TASK_QUEUE, workflows=[OrderCoffeeWorkflow], activities=held
+    ):
         order = ["order", "--order-id", f"cli-{uuid.uuid4().hex[:8]}", "--drink", "mocha", "--size", "L", "--query"]
-        code, out, err = await run_cli(*order, server=address(dev_server))
-    assert code == 0, err
-    *states, result = out.split("\n{")
-    assert json.loads(states[0].splitlines()[0])["timeline"][0] == "RECEIVED"
-    assert '"status":"BREWING"' in "".join(states)
-    assert (json.loads("{" + result)["status"], json.loads("{" + result)["amount_cents"]) == ("COMPLETED", 650)
+        process = await spawn(*order, server=address(dev_server))
+        states = await read_until(process.stdout, '"status":"BREWING"')
+        seen_brewing.set()
+        async with asyncio.timeout(60):
+            rest, err = await process.communicate()
+    assert (process.returncode, err) == (0, b"")
+    lines = (states + rest.decode()).splitlines()
+    shown = [json.loads(line) for line in lines[: lines.index("{")]]  # one line a state, then the result, indented
+    result = json.loads("\n".join(lines[lines.index("{") :]))
+    assert shown[0]["timeline"][:2] == ["RECEIVED", "CHARGING"] and shown[-1]["status"] == "COMPLETED"
+    assert "BREWING" in [state["status"] for state in shown]
+    assert (result["status"], result["amount_cents"]) == ("COMPLETED", 650)
 
 
 async def test_order_cancel_after_refunds_a_brewing_espresso(dev_server: WorkflowEnvironment) -> None:
