@@ -278,6 +278,98 @@ def dev_servers() -> list[tuple[int, str]]:
     return found
 
 
+# What the activity tests pass, as order 123's workflow would: the order, and its id with its first run's id as key.
+LATTE_123 = OrderRequest(order_id="123", **LATTE_M)
+KEY_123 = "order-123/first-run"
+
+
+def activity_env(attempt: int = 1) -> ActivityEnvironment:
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, workflow_id="order-123", attempt=attempt)
+    return env
+
+
+def payment(amount_cents: int = 0, key: str = KEY_123) -> Payment:
+    return Payment(order=LATTE_123, idempotency_key=key, amount_cents=amount_cents)
+
+
+@asynccontextmanager
+async def held_step(env: WorkflowEnvironment, factory: ServiceFactory, step: str) -> AsyncIterator[
+    tuple[OrderHandle, asyncio.Event]
+]:  # fmt: skip
+    """A latte whose charge, brew or receipt activity has begun and holds until the test sets the event it yields."""
+    started, release = asyncio.Event(), asyncio.Event()
+    real_ones = {a.__name__: a for a in CoffeeActivities(factory).all()}
+    real = real_ones[step]
+
+    argument_type = OrderRequest if step == "brew_coffee" else Payment
+
+    @activity.defn(name=step)
+    async def held(argument: argument_type) -> Any:  # type: ignore[valid-type]
+        started.set()
+        await release.wait()  # no heartbeats, so a cancel cannot reach it: like a payment call already on the wire
+        return await real(argument)
+
+    queue = f"test-{uuid.uuid4()}"
+    mocked = (real_ones | {step: held}).values()
+    async with Worker(env.client, task_queue=queue, workflows=[OrderCoffeeWorkflow], activities=mocked):
+        handle = await start(env.client, new_order(), queue)
+        async with asyncio.timeout(30):
+            await started.wait()
+        yield handle, release
+
+
+@asynccontextmanager
+async def espresso_brewing(env: WorkflowEnvironment, factory: ServiceFactory) -> AsyncIterator[OrderHandle]:
+    """A small espresso that has been charged and is brewing (for a minute), its worker running."""
+    async with worker(env.client, factory) as queue:
+        handle = await start(env.client, new_order(Drink.ESPRESSO, Size.S), queue)
+        await wait_for_status(handle, OrderStatus.BREWING)
+        yield handle
+
+
+@asynccontextmanager
+async def latte_brewing_for_the_cli(
+    env: WorkflowEnvironment, factory: ServiceFactory
+) -> AsyncIterator[tuple[OrderHandle, asyncio.Task[tuple[int, str, str]]]]:
+    """A medium latte placed with `coffee.py order`, brewing on a worker of the test's; yields its handle and the
+    command's run, to await for its exit code and output."""
+    order_id = f"cli-{uuid.uuid4().hex[:8]}"
+    async with worker(env.client, factory, task_queue=coffee.TASK_QUEUE):
+        placing = asyncio.create_task(run_cli(*latte_args(order_id), server=address(env)))
+        handle = env.client.get_workflow_handle_for(OrderCoffeeWorkflow.run, f"order-{order_id}")
+        await wait_until_started(handle)
+        await wait_for_status(handle, OrderStatus.BREWING)
+        yield handle, placing
+
+
+async def cancel(handle: OrderHandle, way: str) -> None:
+    """Cancel as a customer does (the cancel_order signal) or as an operator does (Temporal's own cancel),
+    then wait until the workflow has taken the request in."""
+    if way == "signal":
+        await handle.signal(OrderCoffeeWorkflow.cancel_order)
+        request = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+    else:
+        await handle.cancel()
+        request = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED
+
+    async def taken_in() -> bool:
+        events = [e.event_type for e in (await handle.fetch_history()).events]
+        return request in events and EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED in events[events.index(request) :]
+
+    await eventually(taken_in, "the cancel taken in")
+
+
+async def new_run(handle: OrderHandle, old_run_id: str) -> bool:
+    return (await handle.describe()).run_id != old_run_id
+
+
+def record(name: str, history: WorkflowHistory) -> None:
+    if os.environ.get("RECORD_HISTORIES"):
+        HISTORIES.mkdir(exist_ok=True)
+        (HISTORIES / f"{name}.json").write_text(json.dumps(json.loads(history.to_json()), indent=1) + "\n")
+
+
 # --- Models and pricing ---
 
 
@@ -317,19 +409,6 @@ def test_order_ids_may_use_letters_digits_dash_and_underscore() -> None:
 
 
 # --- The activities, through ActivityEnvironment ---
-
-LATTE_123 = OrderRequest(order_id="123", **LATTE_M)
-KEY_123 = "order-123/first-run"  # what the workflow passes: its id and its first run's id
-
-
-def activity_env(attempt: int = 1) -> ActivityEnvironment:
-    env = ActivityEnvironment()
-    env.info = dataclasses.replace(env.info, workflow_id="order-123", attempt=attempt)
-    return env
-
-
-def payment(amount_cents: int = 0, key: str = KEY_123) -> Payment:
-    return Payment(order=LATTE_123, idempotency_key=key, amount_cents=amount_cents)
 
 
 async def test_a_charge_is_priced_and_a_retry_never_charges_twice() -> None:
@@ -505,7 +584,7 @@ async def test_a_cancel_before_the_charge_moves_no_money(time_skipping: Workflow
 class BugAfterTheCharge(OrderCoffeeWorkflow):
     """The released workflow with a bug in its second step, as a careless change might bring."""
 
-    @workflow.run
+    @workflow.run  # the SDK wants @workflow.run on each workflow class, so each changed version passes it on
     async def run(self, *inputs: object) -> OrderResult:
         return await super().run(*inputs)
 
@@ -563,12 +642,6 @@ async def test_orders_recorded_by_the_released_workflow_still_replay(name: str) 
     await assert_replays(history)
 
 
-def record(name: str, history: WorkflowHistory) -> None:
-    if os.environ.get("RECORD_HISTORIES"):
-        HISTORIES.mkdir(exist_ok=True)
-        (HISTORIES / f"{name}.json").write_text(json.dumps(json.loads(history.to_json()), indent=1) + "\n")
-
-
 def test_histories_are_kept_for_each_way_an_order_ends() -> None:
     assert {p.stem for p in HISTORIES.glob("*.json")} >= {"completed-after-a-jam", "cancelled-while-brewing"}
 
@@ -612,41 +685,6 @@ async def test_a_new_step_keeps_running_orders_replayable_only_behind_workflow_p
 
 
 # --- The workflow, on a dev server: a live query, and cancels that reach a running step ---
-
-
-@asynccontextmanager
-async def held_step(env: WorkflowEnvironment, factory: ServiceFactory, step: str) -> AsyncIterator[
-    tuple[OrderHandle, asyncio.Event]
-]:  # fmt: skip
-    """A latte whose charge, brew or receipt activity has begun and holds until the test sets the event it yields."""
-    started, release = asyncio.Event(), asyncio.Event()
-    real_ones = {a.__name__: a for a in CoffeeActivities(factory).all()}
-    real = real_ones[step]
-
-    argument_type = OrderRequest if step == "brew_coffee" else Payment
-
-    @activity.defn(name=step)
-    async def held(argument: argument_type) -> Any:  # type: ignore[valid-type]
-        started.set()
-        await release.wait()  # no heartbeats, so a cancel cannot reach it: like a payment call already on the wire
-        return await real(argument)
-
-    queue = f"test-{uuid.uuid4()}"
-    mocked = (real_ones | {step: held}).values()
-    async with Worker(env.client, task_queue=queue, workflows=[OrderCoffeeWorkflow], activities=mocked):
-        handle = await start(env.client, new_order(), queue)
-        async with asyncio.timeout(30):
-            await started.wait()
-        yield handle, release
-
-
-@asynccontextmanager
-async def espresso_brewing(env: WorkflowEnvironment, factory: ServiceFactory) -> AsyncIterator[OrderHandle]:
-    """A small espresso that has been charged and is brewing (for a minute), its worker running."""
-    async with worker(env.client, factory) as queue:
-        handle = await start(env.client, new_order(Drink.ESPRESSO, Size.S), queue)
-        await wait_for_status(handle, OrderStatus.BREWING)
-        yield handle
 
 
 async def test_get_status_reports_the_order_while_it_brews(dev_server: WorkflowEnvironment) -> None:
@@ -739,23 +777,6 @@ async def test_a_cancel_from_temporal_does_not_stop_a_refund_that_is_retrying(de
             await handle.result()
     assert refund_attempts == 2
     assert ledger(factory) == [("charge", 350), ("refund", 350)]
-
-
-async def cancel(handle: OrderHandle, way: str) -> None:
-    """Cancel as a customer does (the cancel_order signal) or as an operator does (Temporal's own cancel),
-    then wait until the workflow has taken the request in."""
-    if way == "signal":
-        await handle.signal(OrderCoffeeWorkflow.cancel_order)
-        request = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
-    else:
-        await handle.cancel()
-        request = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED
-
-    async def taken_in() -> bool:
-        events = [e.event_type for e in (await handle.fetch_history()).events]
-        return request in events and EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED in events[events.index(request) :]
-
-    await eventually(taken_in, "the cancel taken in")
 
 
 @pytest.mark.parametrize("way", ["signal", "cancel"])
@@ -935,10 +956,6 @@ async def test_a_reset_after_the_charge_then_a_cancel_refunds_in_full(dev_server
     assert ledger(factory) == [("charge", 350), ("refund", 350)]
 
 
-async def new_run(handle: OrderHandle, old_run_id: str) -> bool:
-    return (await handle.describe()).run_id != old_run_id
-
-
 async def test_a_finished_order_reset_to_its_start_is_not_charged_again(dev_server: WorkflowEnvironment) -> None:
     factory = services()
     order = new_order()
@@ -1064,12 +1081,7 @@ async def test_order_exits_1_and_says_why_when_five_jams_fail_the_order(time_ski
 
 async def test_order_reports_a_cancel_from_temporal_as_cancelled(dev_server: WorkflowEnvironment) -> None:
     factory = services(brew_seconds=60)
-    order_id = f"cli-{uuid.uuid4().hex[:8]}"
-    async with worker(dev_server.client, factory, task_queue=coffee.TASK_QUEUE):
-        placing = asyncio.create_task(run_cli(*latte_args(order_id), server=address(dev_server)))
-        handle = dev_server.client.get_workflow_handle_for(OrderCoffeeWorkflow.run, f"order-{order_id}")
-        await wait_until_started(handle)
-        await wait_for_status(handle, OrderStatus.BREWING)
+    async with latte_brewing_for_the_cli(dev_server, factory) as (handle, placing):
         await temporal(dev_server, "workflow", "cancel", "-w", handle.id)
         code, out, err = await placing
     assert (code, err) == (0, "")
@@ -1102,16 +1114,11 @@ async def test_the_same_order_placed_twice_is_one_order_charged_once(dev_server:
 
 async def test_order_follows_its_order_across_a_reset(dev_server: WorkflowEnvironment) -> None:
     factory = services(brew_seconds=3)
-    order_id = f"cli-{uuid.uuid4().hex[:8]}"
-    async with worker(dev_server.client, factory, task_queue=coffee.TASK_QUEUE):
-        placing = asyncio.create_task(run_cli(*latte_args(order_id), server=address(dev_server)))
-        handle = dev_server.client.get_workflow_handle_for(OrderCoffeeWorkflow.run, f"order-{order_id}")
-        await wait_until_started(handle)
-        await wait_for_status(handle, OrderStatus.BREWING)
+    async with latte_brewing_for_the_cli(dev_server, factory) as (handle, placing):
         await temporal(dev_server, "workflow", "reset", "-w", handle.id, "--type", "LastWorkflowTask", "--reason", "t")
         code, out, err = await placing
     assert (code, err) == (0, "")
-    assert OrderResult.model_validate_json(out) == completed_latte(order_id)
+    assert OrderResult.model_validate_json(out) == completed_latte(handle.id.removeprefix("order-"))
     assert ledger(factory) == [("charge", 525)]
 
 
