@@ -23,8 +23,8 @@ by replaying that history through the same code, and each activity call returns 
 running again. So workflow code must be deterministic: the same history must lead it to the same calls, in the same
 order, with no clock, randomness or I/O of its own (workflow.now() is the recorded time). Whatever touches the
 world, a charge or a brew, is an activity: it runs in the worker, and the server retries it as the workflow's retry
-policy says. One turn of the workflow's code is a workflow task; a bug that raises in it makes the server retry the
-task, not fail the order, so that a fixed worker can carry the order on.
+policy says. One turn of the workflow's code is a workflow task: an unexpected exception that escapes it fails the
+task, which the server retries until a fixed worker carries the order on, while an ApplicationError fails the order.
 
 Temporal's sandbox imports this file afresh for every workflow run, so its top level only defines things.
 """
