@@ -370,7 +370,7 @@ class CoffeeActivities:
 
     @activity.defn
     async def send_receipt(self, payment: Payment) -> None:
-        await asyncio.to_thread(self._services.notification.send_receipt, payment.order, payment.amount_cents)
+        self._services.notification.send_receipt(payment.order, payment.amount_cents)  # only logs: no thread needed
 
     @activity.defn
     async def refund_customer(self, payment: Payment) -> int:
