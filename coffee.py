@@ -571,6 +571,7 @@ def workflow_id_for(order_id: str) -> str:
 
 
 OrderHandle = WorkflowHandle[OrderCoffeeWorkflow, OrderResult]
+TERMINATED = WorkflowExecutionStatus.TERMINATED
 
 
 async def start_order(client: Client, order: OrderRequest, task_queue: str = TASK_QUEUE) -> OrderHandle:
@@ -621,9 +622,6 @@ async def wait_for_order(
         for task in (follower, canceller):
             if task:
                 task.cancel()
-
-
-TERMINATED = WorkflowExecutionStatus.TERMINATED
 
 
 async def follow_state(handle: OrderHandle, on_change: Callable[[OrderState, list[str]], None]) -> None:
