@@ -220,7 +220,7 @@ class OrderCoffeeWorkflow:
         self._compensations.append(self._refund)
         self._state.amount_cents = await workflow.execute_activity_method(
             CoffeeActivities.charge_customer,
-            Payment(order=self._order, idempotency_key=self._payment_key),
+            self._payment(),
             start_to_close_timeout=STEP_TIMEOUT,
             retry_policy=STEP_RETRY_POLICY,
             # On cancel, wait until the step has really stopped, so that no charge lands after its refund.
@@ -252,7 +252,7 @@ class OrderCoffeeWorkflow:
         self._move(OrderStatus.SENDING_RECEIPT)
         receipt = workflow.start_activity_method(
             CoffeeActivities.send_receipt,
-            Payment(order=self._order, idempotency_key=self._payment_key, amount_cents=self._state.amount_cents),
+            self._payment(self._state.amount_cents),
             start_to_close_timeout=STEP_TIMEOUT,
             retry_policy=STEP_RETRY_POLICY,
         )
@@ -269,13 +269,16 @@ class OrderCoffeeWorkflow:
         self._move(OrderStatus.REFUNDING)
         refund = workflow.start_activity_method(
             CoffeeActivities.refund_customer,
-            Payment(order=self._order, idempotency_key=self._payment_key, amount_cents=self._state.amount_cents),
+            self._payment(self._state.amount_cents),
             start_to_close_timeout=STEP_TIMEOUT,
             retry_policy=REFUND_RETRY_POLICY,
         )
         refunded = await self._despite_cancel(refund)
         self._state.refunded = refunded > 0
         self._note(f"Refunded {refunded} cents")
+
+    def _payment(self, amount_cents: int = 0) -> Payment:
+        return Payment(order=self._order, idempotency_key=self._payment_key, amount_cents=amount_cents)
 
     def _stop_if_cancelled(self) -> None:
         if self._state.cancel_requested or workflow.cancellation_reason() is not None:
@@ -431,11 +434,12 @@ class PaymentService:
 
     def refund(self, order_id: str, key: str) -> int:
         """Give back what the charge with this key took (0 if it took nothing), once."""
-        if self._record(
-            "SELECT 'refund', key, order_id, amount_cents FROM ledger WHERE kind = 'charge' AND key = ?", key
-        ):
-            self._log.info("Refunded %d cents for order %s", self._amount("refund", key), order_id)
-        return self._amount("refund", key)
+        taken = "SELECT 'refund', key, order_id, amount_cents FROM ledger WHERE kind = 'charge' AND key = ?"
+        new = self._record(taken, key)
+        refunded = self._amount("refund", key)
+        if new:
+            self._log.info("Refunded %d cents for order %s", refunded, order_id)
+        return refunded
 
     @property
     def ledger(self) -> list[tuple[str, str, int]]:
