@@ -360,8 +360,15 @@ async def cancel(handle: OrderHandle, way: str) -> None:
     await eventually(taken_in, "the cancel taken in")
 
 
-async def new_run(handle: OrderHandle, old_run_id: str) -> bool:
-    return (await handle.describe()).run_id != old_run_id
+async def reset(env: WorkflowEnvironment, handle: OrderHandle, to: str) -> None:
+    """Reset the order as an operator would (`temporal workflow reset --type ...`), then wait for its new run."""
+    old_run = (await handle.describe()).run_id
+    await temporal(env, "workflow", "reset", "-w", handle.id, "--type", to, "--reason", "test")
+
+    async def new_run() -> bool:
+        return (await handle.describe()).run_id != old_run
+
+    await eventually(new_run, "a new run")
 
 
 def record(name: str, history: WorkflowHistory) -> None:
@@ -945,10 +952,8 @@ async def test_a_reset_after_the_charge_then_a_cancel_refunds_in_full(dev_server
     factory = services(brew_seconds=60)
     async with espresso_brewing(dev_server, factory) as first:
         handle = dev_server.client.get_workflow_handle_for(OrderCoffeeWorkflow.run, first.id)  # the latest run
-        first_run = (await handle.describe()).run_id
         # Back to the workflow task that scheduled the brew: a new run, which brews again.
-        await temporal(dev_server, "workflow", "reset", "-w", handle.id, "--type", "LastWorkflowTask", "--reason", "t")
-        await eventually(lambda: new_run(handle, first_run), "a new run")
+        await reset(dev_server, handle, "LastWorkflowTask")
         await wait_for_status(handle, OrderStatus.BREWING)
         await handle.signal(OrderCoffeeWorkflow.cancel_order)
         result = await handle.result()
@@ -962,9 +967,7 @@ async def test_a_finished_order_reset_to_its_start_is_not_charged_again(dev_serv
     async with worker(dev_server.client, factory) as queue:
         handle = await coffee.start_order(dev_server.client, order, queue)  # a handle to the latest run
         await handle.result()
-        first_run = (await handle.describe()).run_id
-        await temporal(dev_server, "workflow", "reset", "-w", handle.id, "--type", "FirstWorkflowTask", "--reason", "t")
-        await eventually(lambda: new_run(handle, first_run), "a new run")
+        await reset(dev_server, handle, "FirstWorkflowTask")
         result = await handle.result()
     assert result == completed_latte(order.order_id)  # the whole order again, with the same idempotency key
     assert ledger(factory) == [("charge", 525)]
@@ -991,10 +994,8 @@ async def test_an_activity_result_that_will_not_decode_pauses_the_order_and_move
         assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
     assert ledger(factory) == [("charge", 525)]
     # The operator resets the order to its start on workers that agree: the charge runs again with the same key.
-    first_run = (await handle.describe()).run_id
     async with worker(dev_server.client, factory, task_queue=queue):
-        await temporal(dev_server, "workflow", "reset", "-w", handle.id, "--type", "FirstWorkflowTask", "--reason", "t")
-        await eventually(lambda: new_run(handle, first_run), "a new run")
+        await reset(dev_server, handle, "FirstWorkflowTask")
         result = await handle.result()
     assert result == completed_latte(order.order_id)
     assert ledger(factory) == [("charge", 525)]
@@ -1115,7 +1116,7 @@ async def test_the_same_order_placed_twice_is_one_order_charged_once(dev_server:
 async def test_order_follows_its_order_across_a_reset(dev_server: WorkflowEnvironment) -> None:
     factory = services(brew_seconds=3)
     async with latte_brewing_for_the_cli(dev_server, factory) as (handle, placing):
-        await temporal(dev_server, "workflow", "reset", "-w", handle.id, "--type", "LastWorkflowTask", "--reason", "t")
+        await reset(dev_server, handle, "LastWorkflowTask")
         code, out, err = await placing
     assert (code, err) == (0, "")
     assert OrderResult.model_validate_json(out) == completed_latte(handle.id.removeprefix("order-"))
