@@ -212,7 +212,7 @@ class OrderCoffeeWorkflow:
             retry_policy=STEP_RETRY_POLICY,
         )
         try:
-            await self._despite_cancel(receipt)  # The coffee is made and paid for: too late to cancel.
+            await self._despite_cancel(receipt)  # Made and paid for: too late to cancel.
             self._state.receipt_sent = True
             self._note("Receipt sent")
         except ActivityError as err:
@@ -250,7 +250,7 @@ class OrderCoffeeWorkflow:
         return self._end("CANCELLED" if self._state.cancel_requested else "FAILED")
 
     async def _despite_cancel(self, step: workflow.ActivityHandle[Any]) -> Any:
-        """Wait for a step that Temporal's cancel must not stop: a refund, or a receipt for coffee made."""
+        """Wait for a step that no Temporal cancel may stop: a refund, or a receipt for coffee made."""
         try:
             return await asyncio.shield(step)
         except asyncio.CancelledError:
@@ -277,7 +277,7 @@ class OrderCoffeeWorkflow:
 
 
 def read_order(inputs: tuple[object, ...]) -> OrderRequest:
-    """Any client can send anything: all but exactly one order fails the workflow at once, saying why."""
+    """Any client can send anything: all but one order fails the workflow at once, saying why."""
     try:
         if len(inputs) != 1:
             raise ValueError(f"it got {len(inputs)} inputs")
@@ -304,7 +304,7 @@ class CoffeeActivities:
     async def charge_customer(self, payment: Payment) -> int:
         order, key = payment.order, payment.idempotency_key
         amount = self._services.pricing.price_cents(order.drink, order.size)
-        # A real payment SDK blocks while it calls its provider: a thread keeps the event loop free for heartbeats.
+        # A real payment SDK blocks: a thread keeps the event loop free for the brew's heartbeats.
         return await asyncio.to_thread(self._services.payment.charge, order.order_id, amount, key)
 
     @activity.defn
@@ -359,13 +359,13 @@ class StandardPricingStrategy:
 
 
 class PaymentService:
-    """A pretend payment provider that, like a real one, keeps records and honours idempotency keys: a call
-    with a key it has seen moves no money and returns the first outcome. Its records live in SQLite, in a
-    file that every worker on the machine can share, so they outlive any one worker."""
+    """A pretend payment provider that, like a real one, keeps records and honours idempotency keys:
+    a call with a key it has seen moves no money and returns the first outcome. Its records live in
+    SQLite, in a file that every worker on the machine can share, so they outlive any one worker."""
 
     def __init__(self, database: str) -> None:
         self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None, timeout=30)
-        # Write-ahead logging, no flush per write: a record outlives a killed worker, if not a power cut.
+        # Write-ahead log, no flush per write: a record outlives a killed worker, if not a power cut.
         self._db.executescript(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; CREATE TABLE IF NOT EXISTS"
             " ledger (kind, key, order_id, amount_cents, PRIMARY KEY (kind, key))"
@@ -381,7 +381,7 @@ class PaymentService:
             self._log.info("Order %s was charged before with this key; not charging again", order_id)
         return self._amount("charge", key)
 
-    def refund(self, order_id: str, key: str) -> int:  # gives back what the charge by this key took, once
+    def refund(self, order_id: str, key: str) -> int:  # gives back what this key's charge took, once
         charged = "SELECT 'refund', key, order_id, amount_cents FROM ledger WHERE kind = 'charge' AND key = ?"
         new, refunded = self._record(charged, key), self._amount("refund", key)
         if new:
@@ -418,7 +418,7 @@ class BrewService:
         self._log.info("Brewing %s (%s) for order %s", order.drink, order.size, order.order_id)
         jams = self.jams(order)
         loop = asyncio.get_running_loop()
-        done = loop.time() + self._settings.brew_seconds / (2 if jams else 1)  # a jam strikes halfway
+        done = loop.time() + self._settings.brew_seconds / (2 if jams else 1)  # jams strike halfway
         try:
             while (left := done - loop.time()) > 0:
                 heartbeat()
@@ -444,7 +444,7 @@ class NotificationService:
 
 
 class ServiceFactory:
-    """Builds the services once, from the settings: one of each per worker, shared by its activities."""
+    """Builds the services once, from the settings: one of each per worker, for its activities."""
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
@@ -461,7 +461,7 @@ def new_worker(client: Client, services: ServiceFactory, task_queue: str = TASK_
         task_queue=task_queue,
         workflows=[OrderCoffeeWorkflow],
         activities=CoffeeActivities(services).all(),
-        graceful_shutdown_timeout=timedelta(seconds=grace),  # how long activities may go on after a stop
+        graceful_shutdown_timeout=timedelta(seconds=grace),  # activities' time to finish on a stop
         # A heartbeat reaches the server at least once a second, so a cancel reaches a brew as fast.
         max_heartbeat_throttle_interval=timedelta(seconds=1),
     )
@@ -481,19 +481,19 @@ async def run_worker(client: Client, settings: ServiceSettings) -> None:
 
 # --- The client: place an order, follow it, cancel it ---
 async def connect() -> Client:
-    """Connect as Temporal's environment configuration says: TEMPORAL_ADDRESS, profiles, TLS, keys."""
+    """Connect as Temporal's environment configuration says: address, namespace, TLS, API key."""
     config = ClientConfig.load_client_connect_config()
     config.setdefault("target_host", "localhost:7233")
     return await Client.connect(**config, data_converter=pydantic_data_converter)
 
 
 OrderHandle = WorkflowHandle[OrderCoffeeWorkflow, OrderResult]
-OnChange = Callable[[OrderState, list[str]], None]  # called with the state and the events new since the last call
+OnChange = Callable[[OrderState, list[str]], None]  # gets the state and the events new since its last call
 TERMINATED = WorkflowExecutionStatus.TERMINATED
 
 
 async def start_order(client: Client, order: OrderRequest, task_queue: str = TASK_QUEUE) -> OrderHandle:
-    """Place the order, or find it if it was placed before: one order id, one order, charged once."""
+    """Place the order, or find it if placed before: one order id, one order, charged once."""
     with contextlib.suppress(WorkflowAlreadyStartedError):  # it has finished: its result stands
         await client.start_workflow(
             OrderCoffeeWorkflow.run,
@@ -574,7 +574,7 @@ async def run_demo() -> None:
 
     services = ServiceFactory(ServiceSettings())
     services.brewing = DemoBrewService(services.settings)
-    # A task queue of its own, so that a `coffee.py worker` running elsewhere cannot take its orders.
+    # Its own task queue, so that a `coffee.py worker` running elsewhere cannot take its orders.
     task_queue = f"{TASK_QUEUE}-demo-{suffix}"
 
     print("Temporal coffee demo. Each order is one run of OrderCoffeeWorkflow: charge, brew, send a receipt.")
@@ -605,11 +605,11 @@ async def run_demo() -> None:
 
 @contextlib.asynccontextmanager
 async def demo_client() -> AsyncIterator[Client]:
-    """A client of the configured server if one answers; else of a dev server started for the demo."""
+    """The configured server's client if one answers, else a dev server's, started for the demo."""
     try:
         client = await connect_or_explain()
     except ServerUnreachable as err:
-        print(f"No Temporal server answered at {err.address}, so the demo starts its own for its run.")
+        print(f"No Temporal server answered at {err.address}, so the demo starts one of its own.")
     else:
         print(f"Using the Temporal server at {client.service_client.config.target_host}.")
         yield client
@@ -668,7 +668,7 @@ async def connect_or_explain() -> Client:
         if config.get("tls"):  # The server may be there and the TLS set-up wrong: say what failed.
             raise CommandError(f"could not connect over TLS to {address}: {first_line(err)}") from None
         raise ServerUnreachable(address) from None
-    # Refused credentials or a wrong namespace show only once a worker polls; asking now makes them one line.
+    # Wrong credentials or namespace show only when a worker polls; asking now makes them one line.
     await client.workflow_service.describe_namespace(DescribeNamespaceRequest(namespace=client.namespace))
     return client
 
@@ -702,7 +702,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     rate = checked(Annotated[float, Field(ge=0, le=1)], "use a number from 0 to 1")
     worker.add_argument("--brew-failure-rate", type=rate, help="the share of brews that jam")
     worker.add_argument("--brew-seconds", type=seconds, help="how long a brew takes")
-    worker.add_argument("--payments-db", help="where the pretend payment provider keeps its records")
+    worker.add_argument("--payments-db", help="the pretend payment provider's records")
     shared_db = os.path.join(tempfile.gettempdir(), "coffee-payments.sqlite3")
     worker.set_defaults(**ServiceSettings(payments_db=shared_db)._asdict())
     order = commands.add_parser("order", help="place an order and print its result as JSON")
@@ -711,12 +711,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     order.add_argument("--drink", required=True, choices=get_args(Drink))
     order.add_argument("--size", required=True, choices=get_args(Size))
     order.add_argument("--query", action="store_true", help="print the live state as it changes")
-    order.add_argument("--cancel-after", type=seconds, help="send cancel_order after this many seconds")
+    order.add_argument("--cancel-after", type=seconds, help="send cancel_order this many seconds in")
     return parser.parse_args(argv)
 
 
 async def run_command(args: argparse.Namespace) -> int:
-    """Run one command. Ctrl-C and SIGTERM cancel it, so each `async with` cleans up, servers too."""
+    """Run a command; Ctrl-C and SIGTERM cancel it, so each `async with` cleans up, servers too."""
     task = asyncio.current_task()
     assert task is not None
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -762,11 +762,11 @@ def main(argv: list[str] | None = None) -> int:
     log_format = "%(asctime)s [%(levelname)s] %(name)s: %(message)s"
     logging.basicConfig(level=logging.INFO, format=log_format, datefmt="%Y-%m-%d %H:%M:%S")
     logging.getLogger("temporalio").setLevel(logging.WARNING)
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # each line as it is said
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # line by line
     # A workflow whose __init__ raises (a bad input) leaves the SDK's run coroutine unstarted.
     warnings.filterwarnings("ignore", "coroutine '_WorkflowInstanceImpl.*' was never awaited", RuntimeWarning)
     if args.command != "worker":
-        # These commands tell of a lost server in one line; the SDK would warn of every retried call.
+        # These commands tell of a lost server in one line; the SDK would warn of each retried call.
         Runtime.set_default(Runtime(telemetry=TelemetryConfig(logging=LoggingConfig(filter="ERROR"))))
     try:
         return asyncio.run(run_command(args))
@@ -784,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def temporal_cli() -> str:
-    """How to call the `temporal` CLI that pip put beside this Python: by its path if PATH misses it."""
+    """The `temporal` CLI that pip put beside this Python: by name if PATH finds it, else by path."""
     beside_python = shutil.which("temporal", path=os.path.dirname(sys.executable))
     return os.path.relpath(beside_python) if beside_python not in (None, shutil.which("temporal")) else "temporal"
 
