@@ -196,9 +196,9 @@ class OrderCoffeeWorkflow:
             retry_policy=STEP_RETRY_POLICY,
             cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
-        self._state.brew_attempts = attempt = await self._brew
+        self._state.brew_attempts = await self._brew
         self._state.brewed = True
-        self._note(f"Brewed {self._order.drink} ({self._order.size}) on attempt {attempt}")
+        self._note(f"Brewed {self._order.drink} ({self._order.size}) on attempt {self._state.brew_attempts}")
 
     async def _send_receipt(self) -> None:
         # To add a step while orders are running, guard it so that they still replay (the README shows how):
@@ -245,9 +245,10 @@ class OrderCoffeeWorkflow:
             self._note_temporal_cancel()
             self._move("CANCELLED")
             raise CancelledError("Order cancelled")
-        if not self._state.cancel_requested:
-            self._state.last_error = error_text(err)
-        return self._end("CANCELLED" if self._state.cancel_requested else "FAILED")
+        if self._state.cancel_requested:
+            return self._end("CANCELLED")
+        self._state.last_error = error_text(err)
+        return self._end("FAILED")
 
     async def _despite_cancel(self, step: workflow.ActivityHandle[Any]) -> Any:
         """Wait for a step that no Temporal cancel may stop: a refund, or a receipt for coffee made."""
@@ -367,8 +368,8 @@ class PaymentService:
         self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None, timeout=30)
         # Write-ahead log, no flush per write: a record outlives a killed worker, if not a power cut.
         self._db.executescript(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; CREATE TABLE IF NOT EXISTS"
-            " ledger (kind, key, order_id, amount_cents, PRIMARY KEY (kind, key))"
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;"
+            "CREATE TABLE IF NOT EXISTS ledger (kind, key, order_id, amount_cents, PRIMARY KEY (kind, key))"
         )
         self._lock = threading.Lock()  # one connection, used from the activities' threads
         self._log = logging.getLogger("coffee.payment")
