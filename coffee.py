@@ -669,7 +669,7 @@ async def connect_or_explain() -> Client:
         if config.get("tls"):  # The server may be there and the TLS set-up wrong: say what failed.
             raise CommandError(f"could not connect over TLS to {address}: {first_line(err)}") from None
         raise ServerUnreachable(address) from None
-    # Wrong credentials or namespace show only when a worker polls; asking now makes them one line.
+    # A wrong namespace or key might show only once a worker polls; asking now makes it one line.
     await client.workflow_service.describe_namespace(DescribeNamespaceRequest(namespace=client.namespace))
     return client
 
