@@ -314,7 +314,7 @@ class CoffeeActivities:
         try:
             await self._services.brewing.brew(order, heartbeat=activity.heartbeat)
         except BrewMachineJammed as jam:
-            # A passing fault, expected: BENIGN keeps the SDK from logging it with a stack trace.
+            # An expected, passing fault: BENIGN keeps the SDK from logging it with a stack trace.
             benign = ApplicationErrorCategory.BENIGN
             raise ApplicationError(str(jam), type="BrewMachineJammed", category=benign) from None
         return activity.info().attempt
