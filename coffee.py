@@ -11,14 +11,14 @@ Run it:  python coffee.py demo     (or, with nothing installed but uv:  uv run c
 Read it top to bottom: the models; OrderCoffeeWorkflow, which tells the story (charge, brew, send a receipt,
 refund if the coffee is not made); the activities and services; the worker, client and demo; last, plumbing.
 
-How Temporal runs it. The server records each step of an order in its event history: every activity scheduled,
-its result, every signal. When a worker restarts, or another takes over, it rebuilds the workflow by replaying
-that history through the same code, and each activity call returns its recorded result instead of running
-again. So workflow code must be deterministic: no clock, randomness or I/O of its own. Whatever touches the
-world, a charge or a brew, is an activity, run in the worker and retried as its retry policy says. Each turn of
-the workflow's code is a workflow task: an unexpected exception fails the task, which is retried until a fixed
-worker carries the order on, while an ApplicationError fails the order itself. Temporal's sandbox imports this
-file afresh for every workflow run, so its top level only defines things.
+How Temporal runs it. A client asks the Temporal server to start an order; a worker (this file, running) polls
+the server for work. The server records each step in the order's event history: every activity, its result, every
+signal. When a worker restarts or another takes over, it rebuilds the workflow by replaying that history through
+the same code: each activity call returns its recorded result instead of running again. So workflow code must be
+deterministic, with no clock, randomness or I/O of its own; whatever touches the world, a charge or a brew, is an
+activity, run in the worker and retried as its retry policy says. An unexpected exception fails the workflow task
+(one turn of its code), which is retried until a fixed worker carries on; an ApplicationError fails the order.
+The sandbox re-imports this file for every workflow run, so its top level only defines things.
 """
 
 import argparse
@@ -103,6 +103,9 @@ class OrderState(OrderResult):
     brew_attempts: int = 0  # set once a brew succeeds: the workflow sees outcomes, not retries
     cancel_requested: bool = False  # by the cancel_order signal or by Temporal's own cancel
     updated_at: datetime  # from workflow.now(), the workflow's deterministic clock
+
+    def result(self) -> OrderResult:
+        return OrderResult.model_validate(self.model_dump())  # the result's fields alone
 
 
 class Payment(BaseModel):
@@ -266,7 +269,7 @@ class OrderCoffeeWorkflow:
 
     def _end(self, status: OrderStatus) -> OrderResult:
         self._move(status)
-        return OrderResult.model_validate(self._state.model_dump())  # the result's fields alone
+        return self._state.result()
 
     def _move(self, status: OrderStatus) -> None:
         self._state.status = status
@@ -303,10 +306,10 @@ class CoffeeActivities:
 
     @activity.defn
     async def charge_customer(self, payment: Payment) -> int:
-        order, key = payment.order, payment.idempotency_key
+        order = payment.order
         amount = self._services.pricing.price_cents(order.drink, order.size)
         # A real payment SDK blocks: a thread keeps the event loop free for the brew's heartbeats.
-        return await asyncio.to_thread(self._services.payment.charge, order.order_id, amount, key)
+        return await asyncio.to_thread(self._services.payment.charge, order.order_id, amount, payment.idempotency_key)
 
     @activity.defn
     async def brew_coffee(self, order: OrderRequest) -> int:
@@ -526,8 +529,7 @@ async def wait_for_order(
             except WorkflowFailureError as err:
                 if isinstance(err.cause, CancelledError):
                     # Temporal's own cancel leaves no result: report the order's final state.
-                    state = await handle.query(OrderCoffeeWorkflow.get_status)
-                    result = OrderResult.model_validate(state.model_dump())
+                    result = (await handle.query(OrderCoffeeWorkflow.get_status)).result()
                 elif isinstance(err.cause, TerminatedError) and (await handle.describe()).status != TERMINATED:
                     continue  # A reset ended that run and began another: follow the new one.
                 else:
@@ -589,13 +591,12 @@ async def run_demo() -> None:
             money = [f"{kind} {cents}" for kind, id, cents in services.payment.ledger if id == order.order_id]
             print(f"   result: {result.model_dump_json()}\n   payment ledger: {', '.join(money)}")
 
+        def show(state: OrderState, new_events: list[str]) -> None:  # what the mocha's watcher prints
+            print("\n".join(f"   get_status: {event}" for event in new_events))
+
         await serve(latte, "1. A medium latte, whose first brew jams.")
         print("   The jam failed the brew_coffee activity; Temporal ran it again 1 s later, as the retry policy says.")
         print("   The charge ran once: 525 cents, 450 for a medium plus 75 for a latte.")
-
-        def show(state: OrderState, new_events: list[str]) -> None:
-            print("\n".join(f"   get_status: {event}" for event in new_events))
-
         await serve(mocha, "2. A large mocha, watched through the get_status query.", on_change=show)
         print("   A query reads the workflow's state without changing it, even while an activity runs.")
         await serve(espresso, "3. A small espresso, cancelled by the cancel_order signal 1 s in.", cancel_after=1.0)
