@@ -36,7 +36,7 @@ import threading
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Protocol, get_args
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Protocol, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from temporalio import activity, workflow
@@ -59,6 +59,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 TASK_QUEUE = "coffee-orders"
+T = TypeVar("T")
 
 
 # --- Models: the data that travels between the client, the workflow and the activities ---
@@ -109,11 +110,11 @@ class OrderState(OrderResult):
 
 
 class Payment(BaseModel):
-    """The order, what it costs, and the key that makes retrying a charge or a refund safe."""
+    """What the payment steps are given: the order, its key, and what the workflow has seen charged (0 before)."""
 
     order: OrderRequest
-    idempotency_key: str
-    amount_cents: int = 0  # what was charged; a charge's own amount is for the pricing to decide
+    idempotency_key: str  # the order's own (its workflow id), so every run of the id, from any client, shares it
+    amount_cents: int = 0
 
 
 # --- The workflow: the order's durable story. Deterministic: no I/O, clock or randomness ---
@@ -136,9 +137,6 @@ class OrderCoffeeWorkflow:
     def __init__(self, *inputs: object) -> None:
         self._order = read_order(inputs)
         self._state = OrderState(order_id=self._order.order_id, timeline=["RECEIVED"], updated_at=workflow.now())
-        # The payment's idempotency key: the same for every attempt, reset and worker restart.
-        info = workflow.info()
-        self._payment_key = f"{info.workflow_id}/{info.first_execution_run_id}"
         # The saga: how to undo each step that touched the world, should the coffee not be made.
         self._compensations: list[Callable[[], Awaitable[None]]] = []
         self._brew: workflow.ActivityHandle[int] | None = None
@@ -148,7 +146,10 @@ class OrderCoffeeWorkflow:
         try:
             await self._charge()
             await self._brew_coffee()
-        except (Exception, asyncio.CancelledError) as err:  # any way out: gave up, cancel, a bug
+        # The ways an order really ends without coffee: a step gave up, the cancel signal, Temporal's cancel.
+        # Any other exception is a bug: it fails the workflow task, which Temporal retries until a fixed worker
+        # carries the order on from where it stopped, its money untouched.
+        except (ActivityError, CancelledError, asyncio.CancelledError) as err:
             for compensate in reversed(self._compensations):
                 await compensate()
             return self._end_without_coffee(err)
@@ -175,16 +176,22 @@ class OrderCoffeeWorkflow:
     async def _charge(self) -> None:
         self._stop_if_cancelled()
         self._move("CHARGING")
-        # Owed once the charge starts (a timed-out attempt may have gone through); a refund returns what it took.
+        # Owed from the moment the charge starts, as an attempt that timed out may still land. The refund gives
+        # back what the key's charge took; finding none, it voids the key, so that a late charge is refused.
         self._compensations.append(self._refund)
-        self._state.amount_cents = await workflow.execute_activity_method(
-            CoffeeActivities.charge_customer,
-            self._payment(),
-            start_to_close_timeout=STEP_TIMEOUT,
-            retry_policy=STEP_RETRY_POLICY,
-            # On cancel, wait until the step has really stopped: no charge lands after its refund.
-            cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-        )
+        try:
+            self._state.amount_cents = await workflow.execute_activity_method(
+                CoffeeActivities.charge_customer,
+                self._payment(),
+                start_to_close_timeout=STEP_TIMEOUT,
+                retry_policy=STEP_RETRY_POLICY,
+                # On cancel, wait until the step has really stopped before refunding.
+                cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            )
+        except ActivityError as err:
+            if error_type(err) == "PaymentRefused":
+                self._compensations.remove(self._refund)  # The provider took nothing: nothing to give back.
+            raise
         self._state.charged = True
         self._note(f"Charged {self._state.amount_cents} cents")
 
@@ -193,7 +200,7 @@ class OrderCoffeeWorkflow:
         self._move("BREWING")
         self._brew = workflow.start_activity_method(
             CoffeeActivities.brew_coffee,
-            self._order,
+            self._payment(self._state.amount_cents),
             start_to_close_timeout=BREW_TIMEOUT,
             heartbeat_timeout=BREW_HEARTBEAT_TIMEOUT,
             retry_policy=STEP_RETRY_POLICY,
@@ -232,11 +239,12 @@ class OrderCoffeeWorkflow:
             retry_policy=REFUND_RETRY_POLICY,
         )
         refunded = await self._despite_cancel(refund)
-        self._state.refunded = refunded > 0
+        if refunded:  # The provider's word: it may have taken more than the workflow saw, from a late attempt.
+            self._state.charged, self._state.amount_cents, self._state.refunded = True, refunded, True
         self._note(f"Refunded {refunded} cents")
 
     def _payment(self, amount_cents: int = 0) -> Payment:
-        return Payment(order=self._order, idempotency_key=self._payment_key, amount_cents=amount_cents)
+        return Payment(order=self._order, idempotency_key=self._order.workflow_id, amount_cents=amount_cents)
 
     def _stop_if_cancelled(self) -> None:
         if self._state.cancel_requested or workflow.cancellation_reason() is not None:
@@ -297,6 +305,10 @@ def error_text(err: BaseException) -> str:
     return str(cause) if isinstance(cause, ApplicationError) else f"{type(cause).__name__}: {cause}"
 
 
+def error_type(err: ActivityError) -> str | None:
+    return err.cause.type if isinstance(err.cause, ApplicationError) else None
+
+
 # --- Activities: the steps that touch the world, with Temporal's retries, timeouts, heartbeats ---
 class CoffeeActivities:
     """Activities as methods, so that the worker hands them their services (and tests, others)."""
@@ -309,13 +321,16 @@ class CoffeeActivities:
         order = payment.order
         amount = self._services.pricing.price_cents(order.drink, order.size)
         # A real payment SDK blocks: a thread keeps the event loop free for the brew's heartbeats.
-        return await asyncio.to_thread(self._services.payment.charge, order.order_id, amount, payment.idempotency_key)
+        charge = self._services.payment.charge
+        return await refusal_is_final(asyncio.to_thread(charge, order.order_id, amount, payment.idempotency_key))
 
     @activity.defn
-    async def brew_coffee(self, order: OrderRequest) -> int:
+    async def brew_coffee(self, payment: Payment) -> int:
         """Brews, and returns the attempt that succeeded. Heartbeats are how a cancel reaches it."""
+        # Only coffee that is paid for: a reset can replay a charge that was refunded since.
+        await refusal_is_final(asyncio.to_thread(self._services.payment.confirm, payment))
         try:
-            await self._services.brewing.brew(order, heartbeat=activity.heartbeat)
+            await self._services.brewing.brew(payment.order, heartbeat=activity.heartbeat)
         except BrewMachineJammed as jam:
             # An expected, passing fault: BENIGN keeps the SDK from logging it with a stack trace.
             benign = ApplicationErrorCategory.BENIGN
@@ -341,6 +356,14 @@ class CoffeeActivities:
         return [self.charge_customer, self.brew_coffee, self.send_receipt, self.refund_customer]
 
 
+async def refusal_is_final(call: Awaitable[T]) -> T:
+    """A payment the provider refuses stays refused: non_retryable fails the step at once, without retries."""
+    try:
+        return await call
+    except PaymentRefused as err:
+        raise ApplicationError(str(err), type="PaymentRefused", non_retryable=True) from None
+
+
 # --- Services: pricing, payment, brewing and receipts, knowing nothing of Temporal ---
 class ServiceSettings(NamedTuple):
     brew_failure_rate: float = 0.3
@@ -362,49 +385,77 @@ class StandardPricingStrategy:
         return self.BASE_CENTS[size] + self.SURCHARGE_CENTS[drink]
 
 
+class PaymentRefused(Exception):
+    """The provider will not take this payment, and asking again will not change its mind."""
+
+
 class PaymentService:
-    """A pretend payment provider that, like a real one, keeps records and honours idempotency keys:
-    a call with a key it has seen moves no money and returns the first outcome. Its records live in
-    SQLite, in a file that every worker on the machine can share, so they outlive any one worker."""
+    """A pretend payment provider that, like a real one, keeps one record per idempotency key and moves it one way:
+    charged, then refunded; or voided, by a refund that found no charge. A repeated call moves no money and returns
+    the first outcome; a charge under a refunded or voided key, or of another amount, is refused. The records live
+    in SQLite, in a file that workers can share, so they outlive any one worker."""
 
     def __init__(self, database: str) -> None:
         self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None, timeout=30)
         # Write-ahead log, no flush per write: a record outlives a killed worker, if not a power cut.
         self._db.executescript(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;"
-            "CREATE TABLE IF NOT EXISTS ledger (kind, key, order_id, amount_cents, PRIMARY KEY (kind, key))"
+            "CREATE TABLE IF NOT EXISTS payments (key PRIMARY KEY, order_id, amount_cents, state)"
         )
         self._lock = threading.Lock()  # one connection, used from the activities' threads
         self._log = logging.getLogger("coffee.payment")
 
     def charge(self, order_id: str, amount_cents: int, key: str) -> int:
         self._log.info("Charging order %s for %d cents", order_id, amount_cents)
-        if self._record("VALUES ('charge', ?, ?, ?)", key, order_id, amount_cents):
+        new = self._write(
+            "INSERT INTO payments VALUES (?, ?, ?, 'charged') ON CONFLICT DO NOTHING", key, order_id, amount_cents
+        )
+        self._check(order_id, key, amount_cents)  # Refused if the key was refunded, voided, or charged another amount.
+        if new:
             self._log.info("Charge successful for order %s", order_id)
         else:
             self._log.info("Order %s was charged before with this key; not charging again", order_id)
-        return self._amount("charge", key)
+        return amount_cents
 
-    def refund(self, order_id: str, key: str) -> int:  # gives back what this key's charge took, once
-        charged = "SELECT 'refund', key, order_id, amount_cents FROM ledger WHERE kind = 'charge' AND key = ?"
-        new, refunded = self._record(charged, key), self._amount("refund", key)
-        if new:
-            self._log.info("Refunded %d cents for order %s", refunded, order_id)
-        return refunded
+    def confirm(self, payment: Payment) -> None:
+        self._check(payment.order.order_id, payment.idempotency_key, payment.amount_cents)
+
+    def refund(self, order_id: str, key: str) -> int:
+        """Gives back what the key's charge took, once. With no charge, voids the key: a later charge is refused."""
+        voided = "INSERT INTO payments VALUES (?, ?, 0, 'voided')"
+        changed = self._write(
+            f"{voided} ON CONFLICT DO UPDATE SET state = 'refunded' WHERE state = 'charged'", key, order_id
+        )
+        state, amount = self._read(key)
+        if changed and state == "refunded":
+            self._log.info("Refunded %d cents for order %s", amount, order_id)
+        elif changed:
+            self._log.info("Voided the payment for order %s, which had no charge: none can land now", order_id)
+        return amount if state == "refunded" else 0
 
     @property
-    def ledger(self) -> list[tuple[str, str, int]]:  # (kind, order_id, amount_cents), oldest first
+    def ledger(self) -> list[tuple[str, str, int]]:  # the money moved, as (kind, order_id, amount_cents)
         with self._lock:
-            return self._db.execute("SELECT kind, order_id, amount_cents FROM ledger ORDER BY rowid").fetchall()
+            rows = self._db.execute("SELECT order_id, amount_cents, state FROM payments ORDER BY rowid").fetchall()
+        moves = {"charged": ["charge"], "refunded": ["charge", "refund"], "voided": []}
+        return [(kind, order_id, cents) for order_id, cents, state in rows for kind in moves[state]]
 
-    def _record(self, rows: str, *values: object) -> bool:
-        with self._lock:
-            return self._db.execute(f"INSERT OR IGNORE INTO ledger {rows}", values).rowcount > 0
+    def _check(self, order_id: str, key: str, amount_cents: int) -> None:
+        state, amount = self._read(key)
+        if (state, amount) != ("charged", amount_cents):
+            raise PaymentRefused(
+                f"Payment refused: order {order_id} is {state} at the provider ({amount} cents), not charged "
+                f"{amount_cents} cents; to pay for coffee again, place a new order under a new id"
+            )
 
-    def _amount(self, kind: str, key: str) -> int:
+    def _read(self, key: str) -> tuple[str, int]:
         with self._lock:
-            row = self._db.execute("SELECT amount_cents FROM ledger WHERE kind = ? AND key = ?", (kind, key)).fetchone()
-        return row[0] if row else 0
+            row = self._db.execute("SELECT state, amount_cents FROM payments WHERE key = ?", (key,)).fetchone()
+        return row or ("unknown", 0)
+
+    def _write(self, statement: str, *values: object) -> bool:
+        with self._lock:
+            return self._db.execute(statement, values).rowcount > 0
 
 
 class BrewMachineJammed(Exception):
@@ -511,6 +562,8 @@ async def start_order(client: Client, order: OrderRequest, task_queue: str = TAS
     # A handle by id alone follows the order's latest run, so a reset's new run too.
     handle = client.get_workflow_handle_for(OrderCoffeeWorkflow.run, order.workflow_id)
     placed = await (await handle.describe()).memo_value("order", None, type_hint=OrderRequest)
+    if placed is None:
+        raise CommandError(f"order {order.order_id} was started by another client, which left no memo of the order.")
     if placed != order:
         raise CommandError(f"order {order.order_id} was placed before for another drink or size.")
     return handle

@@ -12,6 +12,8 @@ pytest-xdist runs the tests in five processes (.pytest.ini), each with one serve
 import asyncio
 import contextlib
 import dataclasses
+import functools
+import inspect
 import json
 import logging
 import os
@@ -19,6 +21,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 import tomllib
 import uuid
@@ -49,6 +52,7 @@ from coffee import (
     OrderResult,
     OrderStatus,
     Payment,
+    PaymentService,
     ServiceFactory,
     ServiceSettings,
     Size,
@@ -222,6 +226,32 @@ async def spawn(*args: str, server: str, **environment: str) -> asyncio.subproce
 
 
 @pytest.fixture(autouse=True)
+def within_the_time_limit(request: pytest.FixtureRequest) -> None:
+    """pytest-timeout's limit (.pytest.ini's `timeout`, or `-o timeout=N`), kept the asyncio way for async tests.
+
+    Its alarm would raise wherever the event loop happens to be, which can break the loop that every test shares
+    and take the whole run down. Here a test past its limit is cancelled instead: its `async with` blocks stop the
+    workers and processes it started, it fails alone, and the run goes on."""
+    test = request.node.obj
+    limit = float(request.config.getini("timeout") or 0)
+    if not inspect.iscoroutinefunction(test) or limit <= 0:
+        return  # a plain test: pytest-timeout's alarm is safe there
+    request.node.add_marker(pytest.mark.timeout(0))  # read by pytest-timeout at the call (timeout_func_only)
+
+    @functools.wraps(test)
+    async def bounded(**fixtures: Any) -> None:
+        async with asyncio.timeout(limit) as deadline:
+            try:
+                await test(**fixtures)
+            except asyncio.CancelledError:
+                if deadline.expired():
+                    pytest.fail(f"Timeout: over {limit:g} s (the `timeout` in .pytest.ini)", pytrace=False)
+                raise
+
+    request.node.obj = bounded
+
+
+@pytest.fixture(autouse=True)
 async def no_process_left_behind() -> AsyncIterator[None]:
     """Every process a test started ends with the test, even a test that failed early."""
     yield
@@ -284,9 +314,9 @@ def dev_servers() -> list[tuple[int, str]]:
     return found
 
 
-# What the activity tests pass, as order 123's workflow would: the order, and its id with its first run's id as key.
+# What the activity tests pass, as order 123's workflow would: the order, and its workflow id as the key.
 LATTE_123 = OrderRequest(order_id="123", **LATTE_M)
-KEY_123 = "order-123/first-run"
+KEY_123 = "order-123"
 
 
 def activity_env(attempt: int = 1) -> ActivityEnvironment:
@@ -299,6 +329,11 @@ def payment(amount_cents: int = 0, key: str = KEY_123) -> Payment:
     return Payment(order=LATTE_123, idempotency_key=key, amount_cents=amount_cents)
 
 
+async def charged(factory: ServiceFactory) -> Payment:
+    """Order 123, charged: what the brew step is given."""
+    return payment(await activity_env().run(CoffeeActivities(factory).charge_customer, payment()))
+
+
 @asynccontextmanager
 async def held_step(env: WorkflowEnvironment, factory: ServiceFactory, step: str) -> AsyncIterator[
     tuple[OrderHandle, asyncio.Event]
@@ -308,10 +343,8 @@ async def held_step(env: WorkflowEnvironment, factory: ServiceFactory, step: str
     real_ones = {a.__name__: a for a in CoffeeActivities(factory).all()}
     real = real_ones[step]
 
-    argument_type = OrderRequest if step == "brew_coffee" else Payment
-
     @activity.defn(name=step)
-    async def held(argument: argument_type) -> Any:  # type: ignore[valid-type]
+    async def held(argument: Payment) -> Any:
         started.set()
         await release.wait()  # no heartbeats, so a cancel cannot reach it: like a payment call already on the wire
         return await real(argument)
@@ -366,10 +399,11 @@ async def cancel(handle: OrderHandle, way: str) -> None:
     await eventually(taken_in, "the cancel taken in")
 
 
-async def reset(env: WorkflowEnvironment, handle: OrderHandle, to: str) -> None:
-    """Reset the order as an operator would (`temporal workflow reset --type ...`), then wait for its new run."""
+async def reset(env: WorkflowEnvironment, handle: OrderHandle, *to: str) -> None:
+    """Reset the order as an operator would (`temporal workflow reset --type ...` or `--event-id ...`), then wait
+    for its new run."""
     old_run = (await handle.describe()).run_id
-    await temporal(env, "workflow", "reset", "-w", handle.id, "--type", to, "--reason", "test")
+    await temporal(env, "workflow", "reset", "-w", handle.id, *to, "--reason", "test")
 
     async def new_run() -> bool:
         return (await handle.describe()).run_id != old_run
@@ -435,8 +469,8 @@ async def test_a_charge_is_priced_and_a_retry_never_charges_twice() -> None:
 async def test_another_idempotency_key_is_another_charge() -> None:
     factory = services()
     activities = CoffeeActivities(factory)
-    await activity_env().run(activities.charge_customer, payment(key="order-123/run-1"))
-    await activity_env().run(activities.charge_customer, payment(key="order-123/run-2"))
+    await activity_env().run(activities.charge_customer, payment(key="order-123"))
+    await activity_env().run(activities.charge_customer, payment(key="order-124"))
     assert ledger(factory) == [("charge", 525), ("charge", 525)]
 
 
@@ -478,7 +512,8 @@ async def test_a_brew_heartbeats_and_returns_its_attempt(caplog: pytest.LogCaptu
     env = activity_env(attempt=3)
     beats: list[object] = []
     env.on_heartbeat = lambda *details: beats.append(details)
-    assert await env.run(CoffeeActivities(services(brew_seconds=0.3)).brew_coffee, LATTE_123) == 3
+    factory = services(brew_seconds=0.3)
+    assert await env.run(CoffeeActivities(factory).brew_coffee, await charged(factory)) == 3
     assert beats
     assert "Brewing latte (M) for order 123" in caplog.messages
     assert "Brew complete for order 123" in caplog.messages
@@ -487,8 +522,9 @@ async def test_a_brew_heartbeats_and_returns_its_attempt(caplog: pytest.LogCaptu
 async def test_a_jam_is_an_expected_failure_that_the_sdk_does_not_log_as_a_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    factory = services(brew_failure_rate=1.0)
     with pytest.raises(ApplicationError) as caught:
-        await activity_env().run(CoffeeActivities(services(brew_failure_rate=1.0)).brew_coffee, LATTE_123)
+        await activity_env().run(CoffeeActivities(factory).brew_coffee, await charged(factory))
     assert str(caught.value) == "BrewMachineJammed: Brew machine jammed for order 123!"
     assert caught.value.category == coffee.ApplicationErrorCategory.BENIGN and not caught.value.non_retryable
     assert "Brew machine jammed for order 123!" in caplog.messages
@@ -499,7 +535,8 @@ async def test_a_cancelled_brew_stops_at_once(caplog: pytest.LogCaptureFixture) 
     env = activity_env()
     started = asyncio.Event()
     env.on_heartbeat = lambda *details: started.set()
-    brewing = asyncio.create_task(env.run(CoffeeActivities(services(brew_seconds=60)).brew_coffee, LATTE_123))
+    factory = services(brew_seconds=60)
+    brewing = asyncio.create_task(env.run(CoffeeActivities(factory).brew_coffee, await charged(factory)))
     await started.wait()
     env.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -534,7 +571,6 @@ async def test_the_history_holds_the_seed_retry_policy_the_timeouts_and_the_idem
         handle = await start(time_skipping.client, order, queue)
         await handle.result()
         history = await handle.fetch_history()
-        run_id = (await handle.describe()).run_id
     steps = scheduled(history)
     assert list(steps) == ["charge_customer", "brew_coffee", "send_receipt"]
     for step in steps.values():
@@ -543,7 +579,7 @@ async def test_the_history_holds_the_seed_retry_policy_the_timeouts_and_the_idem
     timeouts = {name: (s.start_to_close_timeout.seconds, s.heartbeat_timeout.seconds) for name, s in steps.items()}
     assert timeouts == {"charge_customer": (10, 0), "brew_coffee": (120, 10), "send_receipt": (10, 0)}
     [charge_input] = steps["charge_customer"].input.payloads
-    assert json.loads(charge_input.data)["idempotency_key"] == f"order-{order.order_id}/{run_id}"
+    assert json.loads(charge_input.data)["idempotency_key"] == f"order-{order.order_id}"  # the order's, not a run's
 
 
 async def test_a_jam_is_retried_and_the_order_completes(time_skipping: WorkflowEnvironment) -> None:
@@ -579,6 +615,7 @@ async def test_five_jams_fail_the_order_and_refund_the_charge(time_skipping: Wor
     refund = scheduled(history)["refund_customer"].retry_policy
     assert (refund.maximum_attempts, refund.initial_interval.seconds, refund.maximum_interval.seconds) == (0, 1, 60)
     assert json.loads(scheduled(history)["refund_customer"].input.payloads[0].data)["amount_cents"] == 525
+    record("failed-after-five-jams", history)
 
 
 async def test_a_cancel_before_the_charge_moves_no_money(time_skipping: WorkflowEnvironment) -> None:
@@ -605,17 +642,86 @@ class BugAfterTheCharge(OrderCoffeeWorkflow):
         raise KeyError("brew settings")
 
 
-async def test_a_bug_after_the_charge_still_refunds_and_fails_the_order(time_skipping: WorkflowEnvironment) -> None:
+async def test_a_bug_pauses_the_order_until_a_fixed_worker_carries_it_on_charged_once(
+    dev_server: WorkflowEnvironment,
+) -> None:
     factory = services()
     order = new_order()
     queue = f"test-{uuid.uuid4()}"
     activities = CoffeeActivities(factory).all()
-    async with Worker(time_skipping.client, task_queue=queue, workflows=[BugAfterTheCharge], activities=activities):
-        async with asyncio.timeout(30):  # a bug that failed the workflow task would be retried forever instead
-            result = await (await start(time_skipping.client, order, queue)).result()
-    assert (result.status, result.charged, result.refunded) == ("FAILED", True, True)
-    assert result.last_error == "KeyError: 'brew settings'"
-    assert ledger(factory, order) == [("charge", 525), ("refund", 525)]
+    async with Worker(dev_server.client, task_queue=queue, workflows=[BugAfterTheCharge], activities=activities):
+        handle = await start(dev_server.client, order, queue)
+        await wait_for_event(handle, EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED)
+    # The bug failed a workflow task, not the order: it waits, charged once, nothing refunded.
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    assert ledger(factory, order) == [("charge", 525)]
+    async with worker(dev_server.client, factory, task_queue=queue):  # the fix, deployed
+        result = await handle.result()
+    assert result == completed_latte(order.order_id)
+    assert ledger(factory, order) == [("charge", 525)]
+    events = (await handle.fetch_history()).events
+    failed = next(
+        e.workflow_task_failed_event_attributes for e in events if e.HasField("workflow_task_failed_event_attributes")
+    )
+    assert failed.failure.application_failure_info.type == "KeyError"
+
+
+class FirstChargeStuckOnTheWire(PaymentService):
+    """A provider whose first charge request hangs, past the step's timeout, until the test lets it land."""
+
+    def __init__(self, later_ones_fail: bool) -> None:
+        super().__init__(":memory:")
+        self.later_ones_fail = later_ones_fail
+        self.on_the_wire, self.let_it_land, self.landed = threading.Event(), threading.Event(), threading.Event()
+
+    def charge(self, order_id: str, amount_cents: int, key: str) -> int:
+        if self.on_the_wire.is_set():
+            if self.later_ones_fail:
+                raise ConnectionError("payment provider unavailable")
+            return super().charge(order_id, amount_cents, key)
+        self.on_the_wire.set()
+        self.let_it_land.wait(60)
+        try:
+            return super().charge(order_id, amount_cents, key)
+        finally:
+            self.landed.set()
+
+
+@slow_first
+@pytest.mark.parametrize(
+    "ending, server, result_money, ledger_after",
+    [
+        # Temporal's cancel: at the timeout the server gives the attempt up without a retry; the refund finds no
+        # charge and voids the key, so the charge that lands later is refused. (The time-skipping server does not
+        # time out an attempt whose cancel was requested, hence 10 s on a dev server.)
+        ("cancel", "dev_server", (False, False, 0), []),
+        # The signal: attempt 2 charges, the workflow refunds it; the late attempt then finds the key refunded.
+        ("signal", "time_skipping", (True, True, 525), [("charge", 525), ("refund", 525)]),
+        # Attempts 2 to 5 fail: the order FAILED, and its refund voided the key before the late charge landed.
+        ("gave up", "time_skipping", (False, False, 0), []),
+    ],
+)
+async def test_a_charge_that_lands_after_its_timeout_is_never_kept(
+    dev_server: WorkflowEnvironment, time_skipping: WorkflowEnvironment, ending: str, server: str,
+    result_money: tuple[bool, bool, int], ledger_after: list[Any],
+) -> None:  # fmt: skip
+    env = dev_server if server == "dev_server" else time_skipping
+    factory = services()
+    factory.payment = provider = FirstChargeStuckOnTheWire(later_ones_fail=ending == "gave up")
+    order = new_order()
+    async with worker(env.client, factory) as queue:
+        handle = await start(env.client, order, queue)
+        try:
+            await asyncio.to_thread(provider.on_the_wire.wait, 30)
+            if ending != "gave up":
+                await cancel(handle, ending)
+            result = await coffee.wait_for_order(handle)  # past the 10 s timeout and any back-off
+        finally:
+            provider.let_it_land.set()
+        await asyncio.to_thread(provider.landed.wait, 30)
+    assert result.status == ("FAILED" if ending == "gave up" else "CANCELLED")
+    assert (result.charged, result.refunded, result.amount_cents) == result_money  # what the ledger says
+    assert ledger(factory, order) == ledger_after  # net 0, once the late charge has landed
 
 
 async def test_the_workflow_replays_its_own_history_and_a_reordered_one_does_not(
@@ -656,7 +762,10 @@ async def test_orders_recorded_by_the_released_workflow_still_replay(name: str) 
 
 
 def test_histories_are_kept_for_each_way_an_order_ends() -> None:
-    assert {p.stem for p in HISTORIES.glob("*.json")} >= {"completed-after-a-jam", "cancelled-while-brewing"}
+    assert {p.stem for p in HISTORIES.glob("*.json")} >= {
+        "completed-after-a-jam", "failed-after-five-jams", "cancelled-while-brewing", "cancelled-by-temporal",
+        "cancelled-during-the-charge", "refund-retried",
+    }  # fmt: skip
 
 
 @workflow.defn(name="OrderCoffeeWorkflow")
@@ -759,7 +868,9 @@ async def test_a_cancel_from_temporal_refunds_says_so_and_ends_the_workflow_canc
     assert "Cancel requested through Temporal: no reason given" in state.timeline
     assert (result.status, result.refunded) == ("CANCELLED", True)
     assert ledger(factory) == [("charge", 350), ("refund", 350)]
-    await assert_replays(await handle.fetch_history())
+    history = await handle.fetch_history()
+    await assert_replays(history)
+    record("cancelled-by-temporal", history)
 
 
 async def test_a_cancel_from_temporal_does_not_stop_a_refund_that_is_retrying(dev_server: WorkflowEnvironment) -> None:
@@ -788,8 +899,10 @@ async def test_a_cancel_from_temporal_does_not_stop_a_refund_that_is_retrying(de
         await handle.cancel()  # lands while the refund waits 1 s for its second attempt
         with pytest.raises(WorkflowFailureError):
             await handle.result()
+        history = await handle.fetch_history()
     assert refund_attempts == 2
     assert ledger(factory) == [("charge", 350), ("refund", 350)]
+    record("refund-retried", history)
 
 
 @pytest.mark.parametrize("way", ["signal", "cancel"])
@@ -803,6 +916,8 @@ async def test_a_charge_that_lands_after_a_cancel_is_refunded(dev_server: Workfl
     assert (result.status, result.charged, result.brewed, result.refunded) == ("CANCELLED", True, False, True)
     assert ledger(factory) == [("charge", 525), ("refund", 525)]
     assert "brew_coffee" not in scheduled(history)
+    if way == "signal":
+        record("cancelled-during-the-charge", history)
 
 
 @pytest.mark.parametrize(
@@ -959,7 +1074,7 @@ async def test_a_reset_after_the_charge_then_a_cancel_refunds_in_full(dev_server
     async with espresso_brewing(dev_server, factory) as first:
         handle = dev_server.client.get_workflow_handle_for(OrderCoffeeWorkflow.run, first.id)  # the latest run
         # Back to the workflow task that scheduled the brew: a new run, which brews again.
-        await reset(dev_server, handle, "LastWorkflowTask")
+        await reset(dev_server, handle, "--type", "LastWorkflowTask")
         await wait_for_status(handle, "BREWING")
         await handle.signal(OrderCoffeeWorkflow.cancel_order)
         result = await handle.result()
@@ -973,10 +1088,76 @@ async def test_a_finished_order_reset_to_its_start_is_not_charged_again(dev_serv
     async with worker(dev_server.client, factory) as queue:
         handle = await coffee.start_order(dev_server.client, order, queue)  # a handle to the latest run
         await handle.result()
-        await reset(dev_server, handle, "FirstWorkflowTask")
+        await reset(dev_server, handle, "--type", "FirstWorkflowTask")
         result = await handle.result()
     assert result == completed_latte(order.order_id)  # the whole order again, with the same idempotency key
     assert ledger(factory) == [("charge", 525)]
+
+
+@pytest.mark.parametrize("reset_to", ["FirstWorkflowTask", "just after the charge"])
+async def test_a_refunded_order_reset_after_a_fix_is_refused_not_given_away(
+    dev_server: WorkflowEnvironment, reset_to: str
+) -> None:
+    factory = services()
+    activities = CoffeeActivities(factory)
+
+    @activity.defn(name="brew_coffee")
+    async def broken_brew(paid: Payment) -> int:
+        raise ApplicationError("the brew machine is broken", non_retryable=True)
+
+    order = new_order()
+    queue = f"test-{uuid.uuid4()}"
+    broken = [activities.charge_customer, broken_brew, activities.send_receipt, activities.refund_customer]
+    async with Worker(dev_server.client, task_queue=queue, workflows=[OrderCoffeeWorkflow], activities=broken):
+        handle = await coffee.start_order(dev_server.client, order, queue)  # a handle to the latest run
+        assert (await handle.result()).status == "FAILED"
+    assert ledger(factory) == [("charge", 525), ("refund", 525)]
+    events = (await handle.fetch_history()).events
+    charged = next(e.event_id for e in events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED)
+    after_charge = next(e.event_id for e in events if e.event_id > charged and e.HasField(
+        "workflow_task_completed_event_attributes"))  # fmt: skip
+    to = ["--event-id", str(after_charge)] if reset_to == "just after the charge" else ["--type", reset_to]
+    async with worker(dev_server.client, factory, task_queue=queue):  # the fix, deployed; then the operator resets
+        await reset(dev_server, handle, *to)
+        result = await handle.result()
+    # The key names the order, so the provider knows it was refunded: no new charge, and no coffee for free.
+    assert ledger(factory) == [("charge", 525), ("refund", 525)]
+    assert result.status == "FAILED" and not result.brewed
+    assert f"Payment refused: order {order.order_id} is refunded at the provider (525 cents)" in str(result.last_error)
+    assert "place a new order under a new id" in str(result.last_error)
+    # What the result says of the money agrees with the ledger: charged and refunded, or neither.
+    assert result.charged == result.refunded
+
+
+async def test_a_finished_order_started_again_by_another_client_is_not_charged_again(
+    dev_server: WorkflowEnvironment,
+) -> None:
+    factory = services()
+    order_id = f"cli-{uuid.uuid4().hex[:8]}"
+    handle = dev_server.client.get_workflow_handle_for(OrderCoffeeWorkflow.run, f"order-{order_id}")
+    async with coffee.new_worker(dev_server.client, factory):
+        assert (await run_cli(*latte_args(order_id), server=address(dev_server)))[0] == 0
+        first_run = (await handle.describe()).run_id
+
+        async def start_again(drink: str, size: str) -> OrderResult:
+            # Another client, with the server's default policies: a finished id may start again, as a new run.
+            await temporal(
+                dev_server, "workflow", "start", "--task-queue", coffee.TASK_QUEUE, "--type", "OrderCoffeeWorkflow",
+                "--workflow-id", handle.id, "--input", json.dumps({"order_id": order_id, "drink": drink, "size": size}),
+            )  # fmt: skip
+            assert (await handle.describe()).run_id != first_run
+            return await handle.result()
+
+        again = await start_again("latte", "M")
+        code, out, err = await run_cli(*latte_args(order_id), server=address(dev_server))
+        other = await start_again("mocha", "L")
+    assert (again.status, again.charged, again.amount_cents) == ("COMPLETED", True, 525)
+    # Another drink under a paid id is refused, and the latte's payment stays as it was.
+    assert (other.status, other.brewed, other.refunded) == ("FAILED", False, False)
+    assert "is charged at the provider (525 cents), not charged 650 cents" in str(other.last_error)
+    assert ledger(factory) == [("charge", 525)]  # the same key, so the same one charge
+    assert (code, out) == (1, "")
+    assert err == f"coffee.py: order {order_id} was started by another client, which left no memo of the order.\n"
 
 
 async def test_an_activity_result_that_will_not_decode_pauses_the_order_and_moves_no_money_twice(
@@ -1001,7 +1182,7 @@ async def test_an_activity_result_that_will_not_decode_pauses_the_order_and_move
     assert ledger(factory) == [("charge", 525)]
     # The operator resets the order to its start on workers that agree: the charge runs again with the same key.
     async with worker(dev_server.client, factory, task_queue=queue):
-        await reset(dev_server, handle, "FirstWorkflowTask")
+        await reset(dev_server, handle, "--type", "FirstWorkflowTask")
         result = await handle.result()
     assert result == completed_latte(order.order_id)
     assert ledger(factory) == [("charge", 525)]
@@ -1027,9 +1208,9 @@ async def test_order_query_prints_each_state_then_the_result(dev_server: Workflo
     seen_brewing = asyncio.Event()
 
     @activity.defn(name="brew_coffee")
-    async def brew_once_seen(order: OrderRequest) -> int:
+    async def brew_once_seen(paid: Payment) -> int:
         await seen_brewing.wait()  # so that the test, not the clock, decides when the brew ends
-        return await activities.brew_coffee(order)
+        return await activities.brew_coffee(paid)
 
     held = [activities.charge_customer, brew_once_seen, activities.send_receipt, activities.refund_customer]
     async with Worker(
@@ -1122,7 +1303,7 @@ async def test_the_same_order_placed_twice_is_one_order_charged_once(dev_server:
 async def test_order_follows_its_order_across_a_reset(dev_server: WorkflowEnvironment) -> None:
     factory = services(brew_seconds=3)
     async with latte_brewing_for_the_cli(dev_server, factory) as (handle, placing):
-        await reset(dev_server, handle, "LastWorkflowTask")
+        await reset(dev_server, handle, "--type", "LastWorkflowTask")
         code, out, err = await placing
     assert (code, err) == (0, "")
     assert OrderResult.model_validate_json(out) == completed_latte(handle.id.removeprefix("order-"))
@@ -1225,6 +1406,24 @@ def test_a_worker_without_flags_brews_as_the_seed_does(capsys: pytest.CaptureFix
     with pytest.raises(SystemExit):
         coffee.parse_args(["worker", "--help"])
     assert "(default: 0.3)" in capsys.readouterr().out
+
+
+def test_the_worker_command_hands_its_flags_to_the_services(monkeypatch: pytest.MonkeyPatch) -> None:
+    given: list[ServiceSettings] = []
+
+    async def connected() -> None:
+        return None
+
+    async def run_worker(client: None, settings: ServiceSettings) -> None:
+        given.append(settings)
+
+    monkeypatch.setattr(coffee, "connect_or_explain", connected)
+    monkeypatch.setattr(coffee, "run_worker", run_worker)
+    flags = ["--brew-failure-rate", "1", "--brew-seconds", "7", "--payments-db", "pay.db"]
+    assert coffee.main(["worker", *flags]) == 0
+    assert given == [ServiceSettings(brew_failure_rate=1.0, brew_seconds=7.0, payments_db="pay.db")]
+    factory = ServiceFactory(ServiceSettings(brew_failure_rate=1.0))  # and the services obey them
+    assert factory.brewing.jams(LATTE_123)
 
 
 async def test_the_worker_process_serves_orders_with_its_flags(dev_server: WorkflowEnvironment, tmp_path: Path) -> None:
