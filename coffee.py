@@ -36,11 +36,11 @@ import threading
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Protocol, TypeVar, get_args
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Protocol, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from temporalio import activity, workflow
-from temporalio.api.enums.v1 import EventType
+from temporalio.api.enums.v1 import EventType, PendingWorkflowTaskState
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
@@ -61,7 +61,6 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 TASK_QUEUE = "coffee-orders"
-T = TypeVar("T")
 
 
 # --- Models: the data that travels between the client, the workflow and the activities ---
@@ -191,8 +190,14 @@ class OrderCoffeeWorkflow:
                 cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             )
         except ActivityError as err:
-            if error_type(err) == "PaymentRefused":
-                self._compensations.remove(self._refund)  # The provider took nothing: nothing to give back.
+            if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
+                self._compensations.remove(self._refund)  # It took nothing this time: nothing to give back.
+                state, amount = err.cause.details  # The result says what the provider's record says.
+                self._state.charged, self._state.refunded, self._state.amount_cents = (
+                    amount > 0,
+                    state == "refunded",
+                    amount,
+                )
             raise
         self._state.charged = True
         self._note(f"Charged {self._state.amount_cents} cents")
@@ -257,6 +262,7 @@ class OrderCoffeeWorkflow:
             # Temporal's own cancel (the CLI, the web UI, handle.cancel()): the money is back.
             self._note_temporal_cancel()
             self._move("CANCELLED")
+            workflow.upsert_memo({"result": self._state.result()})  # Canceled returns nothing: clients read this
             raise CancelledError("Order cancelled")
         if self._state.cancel_requested:
             return self._end("CANCELLED")
@@ -307,10 +313,6 @@ def error_text(err: BaseException) -> str:
     return str(cause) if isinstance(cause, ApplicationError) else f"{type(cause).__name__}: {cause}"
 
 
-def error_type(err: ActivityError) -> str | None:
-    return err.cause.type if isinstance(err.cause, ApplicationError) else None
-
-
 # --- Activities: the steps that touch the world, with Temporal's retries, timeouts, heartbeats ---
 class CoffeeActivities:
     """Activities as methods, so that the worker hands them their services (and tests, others)."""
@@ -323,20 +325,27 @@ class CoffeeActivities:
         order = payment.order
         amount = self._services.pricing.price_cents(order.drink, order.size)
         # A real payment SDK blocks: a thread keeps the event loop free for the brew's heartbeats.
-        charge = self._services.payment.charge
-        return await refusal_is_final(asyncio.to_thread(charge, order.order_id, amount, payment.idempotency_key))
+        try:
+            return await asyncio.to_thread(
+                self._services.payment.charge, order.order_id, amount, payment.idempotency_key
+            )
+        except PaymentRefused as err:
+            raise expected_failure(err) from None
 
     @activity.defn
     async def brew_coffee(self, payment: Payment) -> int:
         """Brews, and returns the attempt that succeeded. Heartbeats are how a cancel reaches it."""
-        # Only coffee that is paid for: a reset can replay a charge that was refunded since.
-        await refusal_is_final(asyncio.to_thread(self._services.payment.confirm, payment))
         try:
+            # Only coffee that is paid for: a reset can replay a charge that was refunded since.
+            await asyncio.to_thread(self._services.payment.confirm, payment)
             await self._services.brewing.brew(payment.order, heartbeat=activity.heartbeat)
-        except BrewMachineJammed as jam:
-            # An expected, passing fault: BENIGN keeps the SDK from logging it with a stack trace.
-            benign = ApplicationErrorCategory.BENIGN
-            raise ApplicationError(str(jam), type="BrewMachineJammed", category=benign) from None
+        except (BrewMachineJammed, PaymentRefused) as err:
+            raise expected_failure(err) from None
+        except asyncio.CancelledError:
+            if (why := activity.cancellation_details()) and (why.reset or why.not_found):  # its run is gone
+                stopped = "Brew stopped: its workflow run was reset or has ended"
+                raise ApplicationError(stopped, category=ApplicationErrorCategory.BENIGN) from None
+            raise
         return activity.info().attempt
 
     @activity.defn
@@ -358,12 +367,13 @@ class CoffeeActivities:
         return [self.charge_customer, self.brew_coffee, self.send_receipt, self.refund_customer]
 
 
-async def refusal_is_final(call: Awaitable[T]) -> T:
-    """A payment the provider refuses stays refused: non_retryable fails the step at once, without retries."""
-    try:
-        return await call
-    except PaymentRefused as err:
-        raise ApplicationError(str(err), type="PaymentRefused", non_retryable=True) from None
+def expected_failure(err: Exception) -> ApplicationError:
+    """A service's error as the step's failure. BENIGN: expected, so the SDK logs it without a stack trace.
+    A refused payment stays refused: non_retryable fails the step at once, without retries."""
+    message, *details = err.args
+    refused = isinstance(err, PaymentRefused)
+    category = ApplicationErrorCategory.BENIGN
+    return ApplicationError(message, *details, type=type(err).__name__, non_retryable=refused, category=category)
 
 
 # --- Services: pricing, payment, brewing and receipts, knowing nothing of Temporal ---
@@ -388,7 +398,8 @@ class StandardPricingStrategy:
 
 
 class PaymentRefused(Exception):
-    """The provider will not take this payment, and asking again will not change its mind."""
+    """The provider will not take this payment, and asking again will not change its mind. Its arguments: the
+    message, then the key's state and amount."""
 
 
 class PaymentService:
@@ -446,8 +457,10 @@ class PaymentService:
         state, amount = self._read(key)
         if (state, amount) != ("charged", amount_cents):
             raise PaymentRefused(
-                f"Payment refused: order {order_id} is {state} at the provider ({amount} cents), not charged "
-                f"{amount_cents} cents; to pay for coffee again, place a new order under a new id"
+                f"order {order_id}'s payment is {state} ({amount} cents), so no payment of {amount_cents} cents "
+                "goes through under its key: place a new order under a new id",
+                state,
+                amount,
             )
 
     def _read(self, key: str) -> tuple[str, int]:
@@ -575,7 +588,9 @@ async def wait_for_order(
     handle: OrderHandle, on_change: OnChange | None = None, cancel_after: float | None = None
 ) -> OrderResult:
     """Wait for the order's result; on the way, follow its state or cancel it, if asked to."""
-    follower = asyncio.create_task(follow_state(handle, on_change)) if on_change else None
+    follower = None
+    if on_change and (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:  # else no state to show
+        follower = asyncio.create_task(follow_state(handle, on_change))
     canceller = None if cancel_after is None else asyncio.create_task(cancel_later(handle, cancel_after))
     try:
         while True:
@@ -583,8 +598,8 @@ async def wait_for_order(
                 result = await handle.result()
             except WorkflowFailureError as err:
                 if isinstance(err.cause, CancelledError):
-                    # Temporal's own cancel leaves no result: report the order's final state.
-                    result = (await handle.query(OrderCoffeeWorkflow.get_status)).result()
+                    # Temporal's own cancel leaves no result: the workflow put it in its memo.
+                    result = await (await handle.describe()).memo_value("result", type_hint=OrderResult)
                 elif isinstance(err.cause, TerminatedError) and (await handle.describe()).status != TERMINATED:
                     continue  # A reset ended that run and began another: follow the new one.
                 else:
@@ -835,17 +850,18 @@ async def run_command(args: argparse.Namespace) -> int:
     order = OrderRequest(order_id=args.order_id, drink=args.drink, size=args.size)
     on_change = (lambda state, _: print(state.model_dump_json())) if args.query else None
     show_order = f"`{how_to_run()[1]} workflow show -w {order.workflow_id}`"
+    handle = await start_order(client, order)
+    waiting = asyncio.create_task(say_if_no_worker_takes(handle))
     try:
-        result = await wait_for_order(await start_order(client, order), on_change, args.cancel_after)
+        result = await wait_for_order(handle, on_change, args.cancel_after)
     except asyncio.CancelledError:
         print(f"Stopped waiting. The order goes on; see it with {show_order}.", file=sys.stderr)
         raise
     except WorkflowFailureError as err:
-        how = "was terminated" if isinstance(err.cause, TerminatedError) else "timed out"
-        raise CommandError(
-            f"the workflow {order.workflow_id} {how}, so it could not refund a charge or finish.\n"
-            f"See what it did with {show_order}."
-        ) from None
+        # Temporal's TerminatedError or TimeoutError: it ended the workflow without running its code.
+        ended = {"TerminatedError": "was terminated", "TimeoutError": "timed out"}.get(type(err.cause).__name__)
+        why = f"{ended}, so it could not refund a charge or finish" if ended else f"failed: {first_line(err.cause)}"
+        raise CommandError(f"the workflow {order.workflow_id} {why}.\nSee what it did with {show_order}.") from None
     except RPCError as err:
         if err.status not in NO_ANSWER:
             raise
@@ -853,12 +869,23 @@ async def run_command(args: argparse.Namespace) -> int:
             f"lost the Temporal server at {client.service_client.config.target_host} ({err.message}).\n"
             f"Once it is back, {show_order} tells what became of order {order.order_id}."
         ) from None
+    finally:
+        waiting.cancel()
     print(result.model_dump_json(indent=2))
     if result.status == "FAILED":
         print(f"Order {order.order_id} failed: {result.last_error}", file=sys.stderr)
     elif args.cancel_after is not None and result.status == "COMPLETED":
         print("Note: the cancel came after the coffee was brewed, so the order went ahead.", file=sys.stderr)
     return 1 if result.status == "FAILED" else 0
+
+
+async def say_if_no_worker_takes(handle: OrderHandle, seconds: float = 3) -> None:
+    """A wait for a worker looks like a hang: say what it is, once, and how to end it."""
+    await asyncio.sleep(seconds)
+    task = (await handle.describe()).raw_description.pending_workflow_task
+    if task.state == PendingWorkflowTaskState.PENDING_WORKFLOW_TASK_STATE_SCHEDULED:
+        print(f"Waiting for a worker on task queue {TASK_QUEUE!r}; start one with `{how_to_run()[0]} worker`.",
+              file=sys.stderr)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

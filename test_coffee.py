@@ -1069,7 +1069,10 @@ async def test_a_worker_killed_mid_brew_then_a_cancel_on_the_next_refunds_in_ful
     assert ledger(second) == [("charge", 525), ("refund", 525)]
 
 
-async def test_a_reset_after_the_charge_then_a_cancel_refunds_in_full(dev_server: WorkflowEnvironment) -> None:
+async def test_a_reset_after_the_charge_then_a_cancel_refunds_in_full(
+    dev_server: WorkflowEnvironment, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     factory = services(brew_seconds=60)
     async with espresso_brewing(dev_server, factory) as first:
         handle = dev_server.client.get_workflow_handle_for(OrderCoffeeWorkflow.run, first.id)  # the latest run
@@ -1080,6 +1083,9 @@ async def test_a_reset_after_the_charge_then_a_cancel_refunds_in_full(dev_server
         result = await handle.result()
     assert (result.status, result.charged, result.refunded, result.amount_cents) == ("CANCELLED", True, True, 350)
     assert ledger(factory) == [("charge", 350), ("refund", 350)]
+    # The old run's brew, stopped by the reset, is told in one line, not as a failure with a stack trace.
+    assert caplog.messages.count(f"Brew stopped for order {handle.id.removeprefix('order-')}") == 2  # reset, cancel
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 async def test_a_finished_order_reset_to_its_start_is_not_charged_again(dev_server: WorkflowEnvironment) -> None:
@@ -1122,11 +1128,12 @@ async def test_a_refunded_order_reset_after_a_fix_is_refused_not_given_away(
         result = await handle.result()
     # The key names the order, so the provider knows it was refunded: no new charge, and no coffee for free.
     assert ledger(factory) == [("charge", 525), ("refund", 525)]
-    assert result.status == "FAILED" and not result.brewed
-    assert f"Payment refused: order {order.order_id} is refunded at the provider (525 cents)" in str(result.last_error)
-    assert "place a new order under a new id" in str(result.last_error)
-    # What the result says of the money agrees with the ledger: charged and refunded, or neither.
-    assert result.charged == result.refunded
+    assert (result.status, result.brewed) == ("FAILED", False)
+    assert result.last_error == (
+        f"PaymentRefused: order {order.order_id}'s payment is refunded (525 cents), so no payment of 525 cents goes "
+        "through under its key: place a new order under a new id"
+    )
+    assert (result.charged, result.refunded, result.amount_cents) == (True, True, 525)  # what the ledger says
 
 
 async def test_a_finished_order_started_again_by_another_client_is_not_charged_again(
@@ -1154,7 +1161,8 @@ async def test_a_finished_order_started_again_by_another_client_is_not_charged_a
     assert (again.status, again.charged, again.amount_cents) == ("COMPLETED", True, 525)
     # Another drink under a paid id is refused, and the latte's payment stays as it was.
     assert (other.status, other.brewed, other.refunded) == ("FAILED", False, False)
-    assert "is charged at the provider (525 cents), not charged 650 cents" in str(other.last_error)
+    assert "payment is charged (525 cents), so no payment of 650 cents goes through" in str(other.last_error)
+    assert (other.charged, other.refunded, other.amount_cents) == (True, False, 525)  # the latte's, as it stands
     assert ledger(factory) == [("charge", 525)]  # the same key, so the same one charge
     assert (code, out) == (1, "")
     assert err == f"coffee.py: order {order_id} was started by another client, which left no memo of the order.\n"
@@ -1276,6 +1284,26 @@ async def test_order_reports_a_cancel_from_temporal_as_cancelled(dev_server: Wor
     result = OrderResult.model_validate_json(out)
     assert (result.status, result.brewed, result.refunded) == ("CANCELLED", False, True)
     assert ledger(factory) == [("charge", 525), ("refund", 525)]
+    # Asked again once no worker runs, as with --query: the result is read from the server, not from a worker.
+    order_id = handle.id.removeprefix("order-")
+    for more in [], ["--query"]:
+        code, out, err = await run_cli(*latte_args(order_id, *more), server=address(dev_server))
+        assert (code, err, OrderResult.model_validate_json(out)) == (0, "", result)
+
+
+async def test_order_says_once_that_it_waits_for_a_worker_and_finishes_once_one_starts(
+    dev_server: WorkflowEnvironment,
+) -> None:
+    order_id = f"cli-{uuid.uuid4().hex[:8]}"
+    process = await spawn(*latte_args(order_id), server=address(dev_server))
+    said = await read_until(process.stderr, "Waiting for a worker")
+    coffee_py = coffee.how_to_run()[0]
+    assert said == f"Waiting for a worker on task queue 'coffee-orders'; start one with `{coffee_py} worker`.\n"
+    async with worker(dev_server.client, services(), task_queue=coffee.TASK_QUEUE):
+        async with asyncio.timeout(60):
+            out, err = await process.communicate()
+    assert (process.returncode, err) == (0, b"")  # said once, and nothing more
+    assert OrderResult.model_validate_json(out) == completed_latte(order_id)
 
 
 async def test_the_same_order_placed_twice_is_one_order_charged_once(dev_server: WorkflowEnvironment) -> None:
@@ -1338,6 +1366,24 @@ async def test_order_says_so_when_its_workflow_times_out(dev_server: WorkflowEnv
     assert (code, out) == (1, "")
     assert err.splitlines()[0] == (
         f"coffee.py: the workflow order-{order.order_id} timed out, so it could not refund a charge or finish."
+    )
+
+
+async def test_order_names_the_reason_a_workflow_failed(dev_server: WorkflowEnvironment) -> None:
+    order = new_order()
+    async with worker(dev_server.client, services()) as queue:
+        # Another client started it with the right memo but an input that is not an order: it failed at once.
+        handle = await dev_server.client.start_workflow(
+            "OrderCoffeeWorkflow", {**order.model_dump(), "milk": "oat"}, id=order.workflow_id, task_queue=queue,
+            memo={"order": order},
+        )  # fmt: skip
+        with pytest.raises(WorkflowFailureError):
+            await handle.result()
+        code, out, err = await run_cli(*latte_args(order.order_id), server=address(dev_server))
+    assert (code, out) == (1, "")
+    assert err.splitlines()[0] == (
+        f"coffee.py: the workflow {order.workflow_id} failed: InvalidOrder: OrderCoffeeWorkflow takes one order as its"
+        ' input, such as {"order_id": "123", "drink": "latte", "size": "M"}, but 1 validation error for OrderRequest.'
     )
 
 
