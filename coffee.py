@@ -24,6 +24,7 @@ The sandbox re-imports this file for every workflow run, so its top level only d
 import argparse
 import asyncio
 import contextlib
+import getpass
 import logging
 import os
 import random
@@ -537,11 +538,11 @@ def new_worker(client: Client, services: ServiceFactory, task_queue: str = TASK_
     )
 
 
-async def run_worker(client: Client, settings: ServiceSettings) -> None:
+async def run_worker(client: Client, services: ServiceFactory) -> None:
     log = logging.getLogger("coffee.worker")
     try:
         # On SIGTERM, give a running brew 5 s to finish rather than brew it again elsewhere.
-        async with new_worker(client, ServiceFactory(settings), grace=5):
+        async with new_worker(client, services, grace=5):
             target = client.service_client.config.target_host
             log.info("Worker polling task queue %r on %s; Ctrl-C to stop", TASK_QUEUE, target)
             await asyncio.Event().wait()  # until Ctrl-C or SIGTERM cancels this task
@@ -784,6 +785,9 @@ async def connect_or_explain() -> Client:
         async with asyncio.timeout(10):
             client = await connect()
     except (RuntimeError, TimeoutError) as err:
+        if "dns error" in str(err):
+            host = address.rpartition(":")[0]
+            raise CommandError(f"the Temporal server's name {host!r} does not resolve: check its address.") from None
         if config.get("tls"):  # The server may be there and the TLS set-up wrong: say what failed.
             raise CommandError(f"could not connect over TLS to {address}: {first_line(err)}") from None
         raise ServerUnreachable(address) from None
@@ -813,24 +817,53 @@ def checked(rule: Any, hint: str) -> Callable[[str], Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="coffee.py", description="A coffee-order system on Temporal.")
+    parser = argparse.ArgumentParser(
+        prog="coffee.py",
+        description="Coffee orders as a Temporal workflow: a demo, a worker, and a client that places orders.",
+        epilog="The server comes from Temporal's environment configuration: TEMPORAL_ADDRESS (else localhost:7233),\n"
+        "TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, or a profile in its config file (TEMPORAL_PROFILE).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("demo", help="run a worker and three narrated orders in one process")
+
+    def command(name: str, summary: str, about: str) -> argparse.ArgumentParser:
+        kind = argparse.RawDescriptionHelpFormatter
+        return commands.add_parser(name, help=summary, description=about, epilog=parser.epilog, formatter_class=kind)
+
+    command(
+        "demo",
+        "run a worker and four narrated orders in one process; needs no server",
+        """\
+Runs a worker and four narrated orders in one process. It needs no server: if none
+answers at the configured address, it starts a dev server of its own, and stops it.""",
+    )
+    worker = command(
+        "worker",
+        "serve orders until Ctrl-C",
+        f"""\
+Polls task queue {TASK_QUEUE!r} and runs OrderCoffeeWorkflow and its activities.""",
+    )
     seconds = checked(Annotated[float, Field(ge=0, allow_inf_nan=False)], "use a number of seconds, 0 or more")
-    worker = commands.add_parser("worker", help="run a worker", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     rate = checked(Annotated[float, Field(ge=0, le=1)], "use a number from 0 to 1")
-    worker.add_argument("--brew-failure-rate", type=rate, help="the share of brews that jam")
-    worker.add_argument("--brew-seconds", type=seconds, help="how long a brew takes")
-    worker.add_argument("--payments-db", help="the pretend payment provider's records")
-    shared_db = os.path.join(tempfile.gettempdir(), "coffee-payments.sqlite3")
+    worker.add_argument("--brew-failure-rate", type=rate, help="the share of brews that jam (default: %(default)s)")
+    worker.add_argument("--brew-seconds", type=seconds, help="how long a brew takes (default: %(default)s)")
+    worker.add_argument("--payments-db", help="the pretend payment provider's records (default: %(default)s)")
+    shared_db = os.path.join(tempfile.gettempdir(), f"coffee-payments-{getpass.getuser()}.sqlite3")  # this user's
     worker.set_defaults(**ServiceSettings(payments_db=shared_db)._asdict())
-    order = commands.add_parser("order", help="place an order and print its result as JSON")
+    order = command(
+        "order",
+        "place an order, wait for it, print its result as JSON",
+        """\
+Places order ID as the workflow order-ID and prints its result as JSON. Placing it
+again follows that order, or prints its result: one order id, one order, charged once.
+Exits 0 when the order COMPLETED or was CANCELLED, 1 when it FAILED.""",
+    )
     order_id = checked(OrderId, "use 1 to 64 letters, digits, '-' or '_'")
-    order.add_argument("--order-id", required=True, type=order_id)
+    order.add_argument("--order-id", required=True, type=order_id, metavar="ID", help="1 to 64 letters, digits, - or _")
     order.add_argument("--drink", required=True, choices=get_args(Drink))
     order.add_argument("--size", required=True, choices=get_args(Size))
-    order.add_argument("--query", action="store_true", help="print the live state as it changes")
-    order.add_argument("--cancel-after", type=seconds, help="send cancel_order this many seconds in")
+    order.add_argument("--query", action="store_true", help="print the live state (get_status) each time it changes")
+    order.add_argument("--cancel-after", type=seconds, metavar="SECONDS", help="send cancel_order after this long")
     return parser.parse_args(argv)
 
 
@@ -843,10 +876,15 @@ async def run_command(args: argparse.Namespace) -> int:
     if args.command == "demo":
         await run_demo()
         return 0
-    client = await connect_or_explain()
     if args.command == "worker":
-        await run_worker(client, ServiceSettings(args.brew_failure_rate, args.brew_seconds, args.payments_db))
+        settings = ServiceSettings(args.brew_failure_rate, args.brew_seconds, args.payments_db)
+        try:
+            services = ServiceFactory(settings)
+        except sqlite3.Error as err:  # a folder that is not there, a file that is not a database
+            raise CommandError(f"cannot keep payment records in {settings.payments_db}: {err}.") from None
+        await run_worker(await connect_or_explain(), services)
         return 0
+    client = await connect_or_explain()
     order = OrderRequest(order_id=args.order_id, drink=args.drink, size=args.size)
     on_change = (lambda state, _: print(state.model_dump_json())) if args.query else None
     show_order = f"`{how_to_run()[1]} workflow show -w {order.workflow_id}`"
@@ -908,7 +946,7 @@ def main(argv: list[str] | None = None) -> int:
         what = "lost the Temporal server" if err.status in NO_ANSWER else "the Temporal server refused the request"
         print(f"coffee.py: {what}: {err.message}", file=sys.stderr)
         return 1
-    except asyncio.CancelledError:  # Ctrl-C or SIGTERM: how a worker ends; the others are cut short
+    except (asyncio.CancelledError, KeyboardInterrupt):  # Ctrl-C or SIGTERM: how a worker ends; others are cut short
         if args.command == "demo":
             print("Demo stopped.")
         return 0 if args.command == "worker" else 130

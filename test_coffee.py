@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import getpass
 import inspect
 import json
 import logging
@@ -1448,26 +1449,61 @@ async def test_connect_follows_temporal_environment_configuration(
 def test_a_worker_without_flags_brews_as_the_seed_does(capsys: pytest.CaptureFixture[str]) -> None:
     args = coffee.parse_args(["worker"])
     assert (args.brew_failure_rate, args.brew_seconds) == (0.3, 2.5)
-    assert args.payments_db.endswith("coffee-payments.sqlite3")  # one file for every worker on the machine
+    # One file for all of this user's workers; another user's workers have their own.
+    assert os.path.basename(args.payments_db) == f"coffee-payments-{getpass.getuser()}.sqlite3"
     with pytest.raises(SystemExit):
         coffee.parse_args(["worker", "--help"])
     assert "(default: 0.3)" in capsys.readouterr().out
 
 
-def test_the_worker_command_hands_its_flags_to_the_services(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_help_says_what_each_command_does_and_where_the_server_comes_from(capsys: pytest.CaptureFixture[str]) -> None:
+    helps = {}
+    for command in ["", "demo", "worker", "order"]:
+        with pytest.raises(SystemExit):
+            coffee.parse_args([*filter(None, [command]), "--help"])
+        helps[command] = " ".join(capsys.readouterr().out.split())
+    for text in helps.values():
+        assert "TEMPORAL_ADDRESS (else localhost:7233)" in text and "TEMPORAL_PROFILE" in text
+    assert "needs no server" in helps[""] and "starts a dev server of its own" in helps["demo"]
+    assert "Polls task queue 'coffee-orders'" in helps["worker"] and "(default: 2.5)" in helps["worker"]
+    assert "Places order ID as the workflow order-ID" in helps["order"] and "charged once" in helps["order"]
+    assert "Exits 0 when the order COMPLETED or was CANCELLED, 1 when it FAILED" in helps["order"]
+
+
+async def test_a_worker_that_cannot_keep_payment_records_says_so_in_one_line(tmp_path: Path) -> None:
+    not_a_database = tmp_path / "notes.txt"
+    not_a_database.write_text("not a database")
+    for path, why in [
+        (tmp_path / "no-such-folder" / "payments.sqlite3", "unable to open database file"),
+        (not_a_database, "file is not a database"),
+    ]:
+        code, out, err = await run_cli("worker", "--payments-db", str(path), server="127.0.0.1:1")
+        assert (code, out, err) == (1, "", f"coffee.py: cannot keep payment records in {path}: {why}.\n")
+
+
+async def test_a_server_name_that_does_not_resolve_is_told_as_such_with_tls_or_without() -> None:
+    for tls in ["true", "false"]:
+        code, out, err = await run_cli(*latte_args("1"), server="no-such-host.invalid:7233", TEMPORAL_TLS=tls)
+        assert (code, out) == (1, "")
+        assert (
+            err == "coffee.py: the Temporal server's name 'no-such-host.invalid' does not resolve: check its address.\n"
+        )
+
+
+def test_the_worker_command_hands_its_flags_to_the_services(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     given: list[ServiceSettings] = []
 
     async def connected() -> None:
         return None
 
-    async def run_worker(client: None, settings: ServiceSettings) -> None:
-        given.append(settings)
+    async def run_worker(client: None, services: ServiceFactory) -> None:
+        given.append(services.settings)
 
     monkeypatch.setattr(coffee, "connect_or_explain", connected)
     monkeypatch.setattr(coffee, "run_worker", run_worker)
-    flags = ["--brew-failure-rate", "1", "--brew-seconds", "7", "--payments-db", "pay.db"]
+    flags = ["--brew-failure-rate", "1", "--brew-seconds", "7", "--payments-db", str(tmp_path / "pay.db")]
     assert coffee.main(["worker", *flags]) == 0
-    assert given == [ServiceSettings(brew_failure_rate=1.0, brew_seconds=7.0, payments_db="pay.db")]
+    assert given == [ServiceSettings(brew_failure_rate=1.0, brew_seconds=7.0, payments_db=str(tmp_path / "pay.db"))]
     factory = ServiceFactory(ServiceSettings(brew_failure_rate=1.0))  # and the services obey them
     assert factory.brewing.jams(LATTE_123)
 
