@@ -193,12 +193,8 @@ class OrderCoffeeWorkflow:
         except ActivityError as err:
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
                 self._compensations.remove(self._refund)  # It took nothing this time: nothing to give back.
-                state, amount = err.cause.details  # The result says what the provider's record says.
-                self._state.charged, self._state.refunded, self._state.amount_cents = (
-                    amount > 0,
-                    state == "refunded",
-                    amount,
-                )
+                state, self._state.amount_cents = err.cause.details  # The result tells the provider's record.
+                self._state.charged, self._state.refunded = self._state.amount_cents > 0, state == "refunded"
             raise
         self._state.charged = True
         self._note(f"Charged {self._state.amount_cents} cents")
@@ -325,11 +321,9 @@ class CoffeeActivities:
     async def charge_customer(self, payment: Payment) -> int:
         order = payment.order
         amount = self._services.pricing.price_cents(order.drink, order.size)
-        # A real payment SDK blocks: a thread keeps the event loop free for the brew's heartbeats.
-        try:
-            return await asyncio.to_thread(
-                self._services.payment.charge, order.order_id, amount, payment.idempotency_key
-            )
+        charge = self._services.payment.charge
+        try:  # A real payment SDK blocks: a thread keeps the event loop free for the brew's heartbeats.
+            return await asyncio.to_thread(charge, order.order_id, amount, payment.idempotency_key)
         except PaymentRefused as err:
             raise expected_failure(err) from None
 
@@ -338,7 +332,7 @@ class CoffeeActivities:
         """Brews, and returns the attempt that succeeded. Heartbeats are how a cancel reaches it."""
         try:
             # Only coffee that is paid for: a reset can replay a charge that was refunded since.
-            await asyncio.to_thread(self._services.payment.confirm, payment)
+            await asyncio.to_thread(self._services.payment.check, payment.idempotency_key, payment.amount_cents)
             await self._services.brewing.brew(payment.order, heartbeat=activity.heartbeat)
         except (BrewMachineJammed, PaymentRefused) as err:
             raise expected_failure(err) from None
@@ -424,15 +418,10 @@ class PaymentService:
         new = self._write(
             "INSERT INTO payments VALUES (?, ?, ?, 'charged') ON CONFLICT DO NOTHING", key, order_id, amount_cents
         )
-        self._check(order_id, key, amount_cents)  # Refused if the key was refunded, voided, or charged another amount.
-        if new:
-            self._log.info("Charge successful for order %s", order_id)
-        else:
-            self._log.info("Order %s was charged before with this key; not charging again", order_id)
+        self.check(key, amount_cents)  # Refused if the key was refunded, voided, or charged another amount.
+        again = "Order %s was charged before with this key; not charging again"
+        self._log.info("Charge successful for order %s" if new else again, order_id)
         return amount_cents
-
-    def confirm(self, payment: Payment) -> None:
-        self._check(payment.order.order_id, payment.idempotency_key, payment.amount_cents)
 
     def refund(self, order_id: str, key: str) -> int:
         """Gives back what the key's charge took, once. With no charge, voids the key: a later charge is refused."""
@@ -454,15 +443,12 @@ class PaymentService:
         moves = {"charged": ["charge"], "refunded": ["charge", "refund"], "voided": []}
         return [(kind, order_id, cents) for order_id, cents, state in rows for kind in moves[state]]
 
-    def _check(self, order_id: str, key: str, amount_cents: int) -> None:
+    def check(self, key: str, amount_cents: int) -> None:
+        """Raises PaymentRefused unless the key holds a charge of this amount."""
         state, amount = self._read(key)
         if (state, amount) != ("charged", amount_cents):
-            raise PaymentRefused(
-                f"order {order_id}'s payment is {state} ({amount} cents), so no payment of {amount_cents} cents "
-                "goes through under its key: place a new order under a new id",
-                state,
-                amount,
-            )
+            why = f"{key}'s payment is {state} ({amount} cents), so no payment of {amount_cents} cents goes through"
+            raise PaymentRefused(f"{why} under its key: place a new order under a new id", state, amount)
 
     def _read(self, key: str) -> tuple[str, int]:
         with self._lock:
@@ -681,7 +667,7 @@ async def run_demo() -> None:
             print(f"This process is also the worker, polling task queue {task_queue!r}. Web UI: {ui}")
             await serve(latte, "1. A medium latte, whose first brew jams.")
             print(
-                "   The jam failed the brew_coffee activity; Temporal ran it again 1 s later, as the retry policy says."
+                "   The jam failed the brew_coffee activity; Temporal ran it again 1 s later, as its retry policy says."
             )
             print("   The charge ran once: 525 cents, 450 for a medium plus 75 for a latte.")
             await serve(mocha, "2. A large mocha, watched through the get_status query.", on_change=show)
@@ -701,22 +687,19 @@ async def run_demo() -> None:
 
 
 def print_history(events: Sequence[HistoryEvent]) -> None:
-    """Events in Temporal's own names, as `temporal workflow show` prints them, with each activity's name."""
-    activities: dict[int, str] = {}
+    """Each event in Temporal's own name, as `temporal workflow show` prints it, with its activity and attempt."""
+    steps: dict[int, str] = {}
     for event in events:
         kind = EventType.Name(event.event_type).removeprefix("EVENT_TYPE_").title().replace("_", "")
-        details = getattr(event, event.WhichOneof("attributes") or "")
-        if kind.startswith("WorkflowTask") and kind != "WorkflowTaskCompleted":
+        if kind in ("WorkflowTaskScheduled", "WorkflowTaskStarted"):
             continue
+        details = getattr(event, event.WhichOneof("attributes") or "")
         if kind == "ActivityTaskScheduled":
-            activities[event.event_id] = details.activity_type.name
-        what = [activities.get(getattr(details, "scheduled_event_id", event.event_id), "")]
-        if kind == "WorkflowExecutionStarted":
-            what.append(details.workflow_type.name)
+            steps[event.event_id] = details.activity_type.name
+        what = [steps.get(getattr(details, "scheduled_event_id", event.event_id), "")]
         if kind == "ActivityTaskStarted":
-            what.append(f"attempt {details.attempt}")
-            if details.HasField("last_failure"):
-                what.append(f"last failure: {details.last_failure.message}")
+            failure = details.last_failure.message
+            what += [f"attempt {details.attempt}", failure and f"last failure: {failure}"]
         print(f"  {event.event_id:>3} {kind:<27}{', '.join(filter(None, what))}".rstrip())
 
 

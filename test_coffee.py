@@ -1131,7 +1131,7 @@ async def test_a_refunded_order_reset_after_a_fix_is_refused_not_given_away(
     assert ledger(factory) == [("charge", 525), ("refund", 525)]
     assert (result.status, result.brewed) == ("FAILED", False)
     assert result.last_error == (
-        f"PaymentRefused: order {order.order_id}'s payment is refunded (525 cents), so no payment of 525 cents goes "
+        f"PaymentRefused: {order.workflow_id}'s payment is refunded (525 cents), so no payment of 525 cents goes "
         "through under its key: place a new order under a new id"
     )
     assert (result.charged, result.refunded, result.amount_cents) == (True, True, 525)  # what the ledger says
