@@ -331,8 +331,9 @@ class CoffeeActivities:
     async def brew_coffee(self, payment: Payment) -> int:
         """Brews, and returns the attempt that succeeded. Heartbeats are how a cancel reaches it."""
         try:
-            # Only coffee that is paid for: a reset can replay a charge that was refunded since.
-            await asyncio.to_thread(self._services.payment.check, payment.idempotency_key, payment.amount_cents)
+            # Only coffee that is paid for: a reset can replay a charge that was refunded since. (A local read, so
+            # no thread; a real provider's check is a remote call, which would go to a thread like the charge.)
+            self._services.payment.check(payment.idempotency_key, payment.amount_cents)
             await self._services.brewing.brew(payment.order, heartbeat=activity.heartbeat)
         except (BrewMachineJammed, PaymentRefused) as err:
             raise expected_failure(err) from None
@@ -750,11 +751,9 @@ class CommandError(Exception):
 
 class ServerUnreachable(CommandError):
     def __init__(self, address: str) -> None:
-        self.address = address
-        super().__init__(
-            f"no Temporal server answered at {address}.\n"
-            f"Start one with `{how_to_run()[1]} server start-dev`, or run `{how_to_run()[0]} demo`, which needs none."
-        )
+        self.address, (coffee, temporal) = address, how_to_run()
+        hint = f"Start one with `{temporal} server start-dev`, or run `{coffee} demo`, which needs none."
+        super().__init__(f"no Temporal server answered at {address}.\n{hint}")
 
 
 async def connect_or_explain() -> Client:
@@ -800,32 +799,17 @@ def checked(rule: Any, hint: str) -> Callable[[str], Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    server = "The server comes from Temporal's environment configuration: TEMPORAL_ADDRESS (else localhost:7233), "
+    server += "TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, or a profile in its config file chosen with TEMPORAL_PROFILE."
     parser = argparse.ArgumentParser(
-        prog="coffee.py",
-        description="Coffee orders as a Temporal workflow: a demo, a worker, and a client that places orders.",
-        epilog="The server comes from Temporal's environment configuration: TEMPORAL_ADDRESS (else localhost:7233),\n"
-        "TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, or a profile in its config file (TEMPORAL_PROFILE).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="coffee.py", description="Coffee orders as a Temporal workflow.", epilog=server
     )
     commands = parser.add_subparsers(dest="command", required=True)
-
-    def command(name: str, summary: str, about: str) -> argparse.ArgumentParser:
-        kind = argparse.RawDescriptionHelpFormatter
-        return commands.add_parser(name, help=summary, description=about, epilog=parser.epilog, formatter_class=kind)
-
-    command(
-        "demo",
-        "run a worker and four narrated orders in one process; needs no server",
-        """\
-Runs a worker and four narrated orders in one process. It needs no server: if none
-answers at the configured address, it starts a dev server of its own, and stops it.""",
-    )
-    worker = command(
-        "worker",
-        "serve orders until Ctrl-C",
-        f"""\
-Polls task queue {TASK_QUEUE!r} and runs OrderCoffeeWorkflow and its activities.""",
-    )
+    about = "Runs a worker and four narrated orders in one process. If no server answers, it starts a dev server"
+    commands.add_parser("demo", help="see it all in one process; needs no server", epilog=server,
+                        description=f"{about} of its own, and stops it at the end.")  # fmt: skip
+    about = f"Polls task queue {TASK_QUEUE!r} and runs OrderCoffeeWorkflow and its activities, until Ctrl-C."
+    worker = commands.add_parser("worker", help="serve orders", description=about, epilog=server)
     seconds = checked(Annotated[float, Field(ge=0, allow_inf_nan=False)], "use a number of seconds, 0 or more")
     rate = checked(Annotated[float, Field(ge=0, le=1)], "use a number from 0 to 1")
     worker.add_argument("--brew-failure-rate", type=rate, help="the share of brews that jam (default: %(default)s)")
@@ -833,14 +817,10 @@ Polls task queue {TASK_QUEUE!r} and runs OrderCoffeeWorkflow and its activities.
     worker.add_argument("--payments-db", help="the pretend payment provider's records (default: %(default)s)")
     shared_db = os.path.join(tempfile.gettempdir(), f"coffee-payments-{getpass.getuser()}.sqlite3")  # this user's
     worker.set_defaults(**ServiceSettings(payments_db=shared_db)._asdict())
-    order = command(
-        "order",
-        "place an order, wait for it, print its result as JSON",
-        """\
-Places order ID as the workflow order-ID and prints its result as JSON. Placing it
-again follows that order, or prints its result: one order id, one order, charged once.
-Exits 0 when the order COMPLETED or was CANCELLED, 1 when it FAILED.""",
-    )
+    about = "Places order ID as the workflow order-ID and prints its result as JSON. Placing it again follows that"
+    about += " order, or prints its result: one order id, one order, charged once. Exits 0 when the order COMPLETED"
+    about += " or was CANCELLED, 1 when it FAILED."
+    order = commands.add_parser("order", help="place an order and print its result", description=about, epilog=server)
     order_id = checked(OrderId, "use 1 to 64 letters, digits, '-' or '_'")
     order.add_argument("--order-id", required=True, type=order_id, metavar="ID", help="1 to 64 letters, digits, - or _")
     order.add_argument("--drink", required=True, choices=get_args(Drink))
@@ -886,9 +866,9 @@ async def run_command(args: argparse.Namespace) -> int:
     except RPCError as err:
         if err.status not in NO_ANSWER:
             raise
+        lost = f"lost the Temporal server at {client.service_client.config.target_host} ({err.message})."
         raise CommandError(
-            f"lost the Temporal server at {client.service_client.config.target_host} ({err.message}).\n"
-            f"Once it is back, {show_order} tells what became of order {order.order_id}."
+            f"{lost}\nOnce it is back, {show_order} tells what became of order {order.order_id}."
         ) from None
     finally:
         waiting.cancel()
@@ -904,9 +884,9 @@ async def say_if_no_worker_takes(handle: OrderHandle, seconds: float = 3) -> Non
     """A wait for a worker looks like a hang: say what it is, once, and how to end it."""
     await asyncio.sleep(seconds)
     task = (await handle.describe()).raw_description.pending_workflow_task
-    if task.state == PendingWorkflowTaskState.PENDING_WORKFLOW_TASK_STATE_SCHEDULED:
-        print(f"Waiting for a worker on task queue {TASK_QUEUE!r}; start one with `{how_to_run()[0]} worker`.",
-              file=sys.stderr)  # fmt: skip
+    if task.state == PendingWorkflowTaskState.PENDING_WORKFLOW_TASK_STATE_SCHEDULED:  # and no worker has started it
+        waiting = f"Waiting for a worker on task queue {TASK_QUEUE!r}; start one with `{how_to_run()[0]} worker`."
+        print(waiting, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
