@@ -707,13 +707,18 @@ def print_history(events: Sequence[HistoryEvent]) -> None:
 @contextlib.asynccontextmanager
 async def demo_client() -> AsyncIterator[Client]:
     """The configured server's client if one answers, else a dev server's, started for the demo."""
+    coffee, temporal = how_to_run()
+    try_an_order = f"`{coffee} order --order-id 1 --drink latte --size M`"
     try:
         client = await connect_or_explain()
     except ServerUnreachable as err:
-        print(f"No Temporal server answered at {err.address}, so the demo starts one of its own.")
+        print(
+            f"No Temporal server answered at {err.address}, so the demo starts one of its own, for as long as it runs."
+        )
     else:
         print(f"Using the Temporal server at {client.service_client.config.target_host}.")
         yield client
+        print(f"\nNext, run the parts yourself: `{coffee} worker`, and in another terminal, {try_an_order}.")
         return
     try:
         server = await WorkflowEnvironment.start_local(
@@ -732,9 +737,9 @@ async def demo_client() -> AsyncIterator[Client]:
         ) from None
     async with server:
         yield server.client
-        coffee, temporal = how_to_run()
-        print("\nThe demo's own server stops now. To browse its orders afterwards, start a server first:")
-        print(f"`{temporal} server start-dev` in another terminal, then `{coffee} demo` again.")
+        print("\nThe demo's own server stops now. To keep one running, with its web UI at http://localhost:8233,")
+        print(f"start `{temporal} server start-dev` in another terminal. Then `{coffee} demo` uses it,")
+        print(f"and so do `{coffee} worker` and, in a third terminal, {try_an_order}.")
 
 
 def web_ui_url(target_host: str, namespace: str) -> str:

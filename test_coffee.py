@@ -1708,7 +1708,11 @@ async def test_the_demo_runs_four_orders_on_its_own_server_and_leaves_none_behin
     assert "brew_coffee, attempt 2, last failure: Worker is shutting down" in history
     assert len(history.strip().splitlines()) <= 20
     coffee_py, temporal = coffee.how_to_run()
-    assert out.rstrip().endswith(f"`{temporal} server start-dev` in another terminal, then `{coffee_py} demo` again.")
+    assert out.rstrip().endswith(
+        f"start `{temporal} server start-dev` in another terminal. Then `{coffee_py} demo` uses it,\n"
+        f"and so do `{coffee_py} worker` and, in a third terminal, `{coffee_py} order --order-id 1 --drink latte"
+        " --size M`."
+    )
     assert "/namespaces/default/workflows/order-latte-" in out  # each order's link in the web UI
     ui_port = out.split("Web UI: http://127.0.0.1:")[1].split("/")[0]
     assert not any(f"--ui-port {ui_port} " in command for _, command in dev_servers())
