@@ -822,9 +822,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     worker.add_argument("--payments-db", help="the pretend payment provider's records (default: %(default)s)")
     shared_db = os.path.join(tempfile.gettempdir(), f"coffee-payments-{getpass.getuser()}.sqlite3")  # this user's
     worker.set_defaults(**ServiceSettings(payments_db=shared_db)._asdict())
-    about = "Places order ID as the workflow order-ID and prints its result as JSON. Placing it again follows that"
-    about += " order, or prints its result: one order id, one order, charged once. Exits 0 when the order COMPLETED"
-    about += " or was CANCELLED, 1 when it FAILED."
+    about = f"Places the order as the workflow order-<ID> on task queue {TASK_QUEUE!r} and prints its result as JSON."
+    about += " Placed again, it follows that order or prints its result: one order id, one order, charged once."
+    about += " Exits 0 when the order COMPLETED or was CANCELLED, 1 when it FAILED or cannot be placed."
     order = commands.add_parser("order", help="place an order and print its result", description=about, epilog=server)
     order_id = checked(OrderId, "use 1 to 64 letters, digits, '-' or '_'")
     order.add_argument("--order-id", required=True, type=order_id, metavar="ID", help="1 to 64 letters, digits, - or _")

@@ -1466,8 +1466,9 @@ def test_help_says_what_each_command_does_and_where_the_server_comes_from(capsys
         assert "TEMPORAL_ADDRESS (else localhost:7233)" in text and "TEMPORAL_PROFILE" in text
     assert "needs no server" in helps[""] and "starts a dev server of its own" in helps["demo"]
     assert "Polls task queue 'coffee-orders'" in helps["worker"] and "(default: 2.5)" in helps["worker"]
-    assert "Places order ID as the workflow order-ID" in helps["order"] and "charged once" in helps["order"]
-    assert "Exits 0 when the order COMPLETED or was CANCELLED, 1 when it FAILED" in helps["order"]
+    assert "Places the order as the workflow order-<ID> on task queue 'coffee-orders'" in helps["order"]
+    assert "one order id, one order, charged once" in helps["order"]
+    assert "Exits 0 when the order COMPLETED or was CANCELLED, 1 when it FAILED or cannot be placed" in helps["order"]
 
 
 async def test_a_worker_that_cannot_keep_payment_records_says_so_in_one_line(tmp_path: Path) -> None:
