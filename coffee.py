@@ -837,10 +837,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 async def run_command(args: argparse.Namespace) -> int:
     """Run a command; Ctrl-C and SIGTERM cancel it, so each `async with` cleans up, servers too."""
-    task = asyncio.current_task()
+    task, loop = asyncio.current_task(), asyncio.get_running_loop()
     assert task is not None
     for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await dispatch(args)
+    finally:  # Ending: a second Ctrl-C changes nothing, even while the event loop closes.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
+
+
+async def dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         await run_demo()
         return 0

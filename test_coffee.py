@@ -216,11 +216,12 @@ SPAWNED: list[asyncio.subprocess.Process] = []
 
 
 async def spawn(*args: str, server: str, **environment: str) -> asyncio.subprocess.Process:
-    """Start coffee.py as a user would, against the server at this address, its output piped to the test."""
+    """Start coffee.py as a user would, against the server at this address, its output piped to the test. In a
+    process group of its own, so that the test's end takes whatever it started (a demo's dev server) with it."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, COFFEE_PY, *args,
         env={**os.environ, "TEMPORAL_ADDRESS": server, **environment},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     SPAWNED.append(process)
     return process
@@ -258,11 +259,11 @@ async def no_process_left_behind() -> AsyncIterator[None]:
     yield
     while SPAWNED:
         process = SPAWNED.pop()
-        if process.returncode is None:
-            process.kill()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(10):  # SIGKILL cannot be refused; this only keeps a hang from spreading
-                    await process.wait()
+        with contextlib.suppress(ProcessLookupError):  # nothing of its group is left
+            os.killpg(process.pid, signal.SIGKILL)  # the process, and what it started: a demo's dev server
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):  # SIGKILL cannot be refused; this only keeps a hang from spreading
+                await process.wait()
 
 
 async def run_cli(*args: str, server: str, **environment: str) -> tuple[int, str, str]:
@@ -290,8 +291,9 @@ async def temporal(env: WorkflowEnvironment, *args: str) -> str:
     cli = venv_binary("temporal")
     assert cli
     process = await asyncio.create_subprocess_exec(
-        cli, *args, "--address", address(env), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
+        cli, *args, "--address", address(env), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )  # fmt: skip
     SPAWNED.append(process)
     async with asyncio.timeout(60):
         out, err = await process.communicate()
