@@ -708,25 +708,22 @@ def print_history(events: Sequence[HistoryEvent]) -> None:
 async def demo_client() -> AsyncIterator[Client]:
     """The configured server's client if one answers, else a dev server's, started for the demo."""
     coffee, temporal = how_to_run()
-    try_an_order = f"`{coffee} order --order-id 1 --drink latte --size M`"
+    next_steps = f"  {coffee} worker\n  {coffee} order --order-id 1 --drink latte --size M"
     try:
         client = await connect_or_explain()
     except ServerUnreachable as err:
-        print(
-            f"No Temporal server answered at {err.address}, so the demo starts one of its own, for as long as it runs."
-        )
+        print(f"No Temporal server answered at {err.address}, so the demo starts one for as long as it runs.")
     else:
         print(f"Using the Temporal server at {client.service_client.config.target_host}.")
         yield client
-        print(f"\nNext, run the parts yourself: `{coffee} worker`, and in another terminal, {try_an_order}.")
+        print(f"\nNext, run the parts yourself, each in a terminal of its own:\n{next_steps}")
         return
+    beside_python = shutil.which("temporal", path=os.path.dirname(sys.executable))  # what pip or uv installed
     try:
         server = await WorkflowEnvironment.start_local(
             data_converter=pydantic_data_converter,
             ui=True,
-            # The `temporal` CLI that pip or uv put beside this Python, else PATH's; None: the SDK downloads one.
-            dev_server_existing_path=shutil.which("temporal", path=os.path.dirname(sys.executable))
-            or shutil.which("temporal"),
+            dev_server_existing_path=beside_python or shutil.which("temporal"),  # None: the SDK downloads one
             dev_server_log_level="error",
             dev_server_extra_args=["--output", "none"],  # no banner in the middle of the narration
         )
@@ -737,9 +734,9 @@ async def demo_client() -> AsyncIterator[Client]:
         ) from None
     async with server:
         yield server.client
-        print("\nThe demo's own server stops now. To keep one running, with its web UI at http://localhost:8233,")
-        print(f"start `{temporal} server start-dev` in another terminal. Then `{coffee} demo` uses it,")
-        print(f"and so do `{coffee} worker` and, in a third terminal, {try_an_order}.")
+        print("\nThe demo's own server stops now. To keep one, with its web UI at http://localhost:8233, start it")
+        print(f"in another terminal:\n  {temporal} server start-dev")
+        print(f"Then the demo uses it, and so do a worker and orders, each in a terminal of its own:\n{next_steps}")
 
 
 def web_ui_url(target_host: str, namespace: str) -> str:
