@@ -193,7 +193,8 @@ class OrderCoffeeWorkflow:
         except ActivityError as err:
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
                 self._compensations.remove(self._refund)  # It took nothing this time: nothing to give back.
-                state, self._state.amount_cents = err.cause.details  # The result tells the provider's record.
+                # Its details are the key's state and amount: the result tells what the provider holds.
+                state, self._state.amount_cents = err.cause.details
                 self._state.charged, self._state.refunded = self._state.amount_cents > 0, state == "refunded"
             raise
         self._state.charged = True
@@ -629,11 +630,14 @@ async def run_demo() -> None:
     mocha = OrderRequest(order_id=f"mocha-{suffix}", drink="mocha", size="L")
     espresso = OrderRequest(order_id=f"espresso-{suffix}", drink="espresso", size="S")
     handed_over = OrderRequest(order_id=f"handover-{suffix}", drink="latte", size="M")
-    brewing = asyncio.Event()
+    brewing = asyncio.Event()  # order 4 loses its worker 1 s after this is set
 
     class DemoBrewService(BrewService):
-        def jams(self, order: OrderRequest) -> bool:  # the first latte's first brew, and nothing else
+        async def brew(self, order: OrderRequest, heartbeat: Callable[[], None]) -> None:
             brewing.set()
+            await super().brew(order, heartbeat)
+
+        def jams(self, order: OrderRequest) -> bool:  # the first latte's first brew, and nothing else
             return order == latte and activity.info().attempt == 1
 
     services = ServiceFactory(ServiceSettings())
@@ -667,9 +671,7 @@ async def run_demo() -> None:
         async with new_worker(client, services, task_queue):
             print(f"This process is also the worker, polling task queue {task_queue!r}. Web UI: {ui}")
             await serve(latte, "1. A medium latte, whose first brew jams.")
-            print(
-                "   The jam failed the brew_coffee activity; Temporal ran it again 1 s later, as its retry policy says."
-            )
+            print("   The jam failed brew_coffee; Temporal ran it again 1 s later, as its retry policy says.")
             print("   The charge ran once: 525 cents, 450 for a medium plus 75 for a latte.")
             await serve(mocha, "2. A large mocha, watched through the get_status query.", on_change=show)
             print("   A query reads the workflow's state without changing it, even while an activity runs.")
