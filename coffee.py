@@ -864,9 +864,10 @@ async def dispatch(args: argparse.Namespace) -> int:
     order = OrderRequest(order_id=args.order_id, drink=args.drink, size=args.size)
     on_change = (lambda state, _: print(state.model_dump_json())) if args.query else None
     show_order = f"`{how_to_run()[1]} workflow show -w {order.workflow_id}`"
-    handle = await start_order(client, order)
-    waiting = asyncio.create_task(say_if_no_worker_takes(handle))
+    waiting = None
     try:
+        handle = await start_order(client, order)
+        waiting = asyncio.create_task(say_if_no_worker_takes(handle))
         result = await wait_for_order(handle, on_change, args.cancel_after)
     except asyncio.CancelledError:
         print(f"Stopped waiting. The order goes on; see it with {show_order}.", file=sys.stderr)
@@ -884,7 +885,8 @@ async def dispatch(args: argparse.Namespace) -> int:
             f"{lost}\nOnce it is back, {show_order} tells what became of order {order.order_id}."
         ) from None
     finally:
-        waiting.cancel()
+        if waiting:
+            waiting.cancel()
     print(result.model_dump_json(indent=2))
     if result.status == "FAILED":
         print(f"Order {order.order_id} failed: {result.last_error}", file=sys.stderr)
@@ -896,7 +898,10 @@ async def dispatch(args: argparse.Namespace) -> int:
 async def say_if_no_worker_takes(handle: OrderHandle, seconds: float = 3) -> None:
     """A wait for a worker looks like a hang: say what it is, once, and how to end it."""
     await asyncio.sleep(seconds)
-    task = (await handle.describe()).raw_description.pending_workflow_task
+    try:
+        task = (await handle.describe()).raw_description.pending_workflow_task
+    except RPCError:
+        return  # A lost server is for the wait itself to tell.
     if task.state == PendingWorkflowTaskState.PENDING_WORKFLOW_TASK_STATE_SCHEDULED:  # and no worker has started it
         waiting = f"Waiting for a worker on task queue {TASK_QUEUE!r}; start one with `{how_to_run()[0]} worker`."
         print(waiting, file=sys.stderr)
