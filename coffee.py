@@ -139,7 +139,7 @@ class OrderCoffeeWorkflow:
     def __init__(self, *inputs: object) -> None:
         self._order = read_order(inputs)
         self._state = OrderState(order_id=self._order.order_id, timeline=["RECEIVED"], updated_at=workflow.now())
-        # The saga: how to undo each step that touched the world, should the coffee not be made.
+        # The saga: how to undo each step that touched the world (here, the charge), should no coffee be made.
         self._compensations: list[Callable[[], Awaitable[None]]] = []
         self._brew: workflow.ActivityHandle[int] | None = None
 
@@ -148,9 +148,9 @@ class OrderCoffeeWorkflow:
         try:
             await self._charge()
             await self._brew_coffee()
-        # The ways an order really ends without coffee: a step gave up, the cancel signal, Temporal's cancel.
-        # Any other exception is a bug: it fails the workflow task, which Temporal retries until a fixed worker
-        # carries the order on from where it stopped, its money untouched.
+        # The ways an order really ends without coffee: a step gave up (ActivityError), the cancel signal (the
+        # SDK's CancelledError) or Temporal's own cancel (asyncio's). Any other exception is a bug: it fails the
+        # workflow task, which Temporal retries until a fixed worker carries the order on, its money untouched.
         except (ActivityError, CancelledError, asyncio.CancelledError) as err:
             for compensate in reversed(self._compensations):
                 await compensate()
