@@ -1486,8 +1486,10 @@ async def test_a_worker_that_cannot_keep_payment_records_says_so_in_one_line(tmp
 
 
 async def test_a_server_name_that_does_not_resolve_is_told_as_such_with_tls_or_without() -> None:
-    for tls in ["true", "false"]:
-        code, out, err = await run_cli(*latte_args("1"), server="no-such-host.invalid:7233", TEMPORAL_TLS=tls)
+    runs = await asyncio.gather(*(
+        run_cli(*latte_args("1"), server="no-such-host.invalid:7233", TEMPORAL_TLS=tls) for tls in ["true", "false"]
+    ))  # fmt: skip
+    for code, out, err in runs:
         assert (code, out) == (1, "")
         assert (
             err == "coffee.py: the Temporal server's name 'no-such-host.invalid' does not resolve: check its address.\n"
