@@ -450,6 +450,7 @@ class PaymentService:
         state, amount = self._read(key)
         if (state, amount) != ("charged", amount_cents):
             why = f"{key}'s payment is {state} ({amount} cents), so no payment of {amount_cents} cents goes through"
+            self._log.warning("Refused: %s", why)
             raise PaymentRefused(f"{why} under its key: place a new order under a new id", state, amount)
 
     def _read(self, key: str) -> tuple[str, int]:
