@@ -8,17 +8,16 @@ Run it:  python coffee.py demo     (or, with nothing installed but uv:  uv run c
          python coffee.py worker   and, in another terminal,
          python coffee.py order --order-id 123 --drink latte --size M [--query] [--cancel-after 1]
 
-Read it top to bottom: the models; OrderCoffeeWorkflow, which tells the story (charge, brew, send a receipt,
-refund if the coffee is not made); the activities and services; the worker, client and demo; last, plumbing.
+How Temporal runs it. A client asks the Temporal server to start an order. A worker (this file, running) asks the
+server for work, runs it, and reports back. The server records each step in the order's event history. When a worker
+stops, another rebuilds the order by replaying that history through the same code: each step already done returns
+its recorded result instead of running again. So workflow code must take the same path on every replay: no clock,
+randomness or I/O of its own. Whatever touches the world, a charge or a brew, is an activity, retried as its retry
+policy says.
 
-How Temporal runs it. A client asks the Temporal server to start an order; a worker (this file, running) polls
-the server for work. The server records each step in the order's event history: every activity, its result, every
-signal. When a worker restarts or another takes over, it rebuilds the workflow by replaying that history through
-the same code: each activity call returns its recorded result instead of running again. So workflow code must be
-deterministic, with no clock, randomness or I/O of its own; whatever touches the world, a charge or a brew, is an
-activity, run in the worker and retried as its retry policy says. An unexpected exception fails the workflow task
-(one turn of its code), which is retried until a fixed worker carries on; an ApplicationError fails the order.
-The sandbox re-imports this file for every workflow run, so its top level only defines things.
+Read it top to bottom. To copy into a project: the models, OrderCoffeeWorkflow (charge, brew, send a receipt; refund
+if the coffee is not made), the activities, new_worker, connect and start_order. What only runs this example: the
+pretend services, the client's waiting, the demo and, last, the command line.
 """
 
 import argparse
@@ -35,16 +34,15 @@ import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Protocol, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from temporalio import activity, workflow
 from temporalio.api.enums.v1 import EventType, PendingWorkflowTaskState
-from temporalio.api.history.v1 import HistoryEvent
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle, WorkflowHistory
 from temporalio.common import RetryPolicy, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.envconfig import ClientConfig
@@ -53,7 +51,6 @@ from temporalio.exceptions import (
     ApplicationError,
     ApplicationErrorCategory,
     CancelledError,
-    TerminatedError,
     WorkflowAlreadyStartedError,
 )
 from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig
@@ -87,7 +84,7 @@ class OrderRequest(BaseModel):
 
 
 class OrderResult(BaseModel):
-    """What the workflow returns, and what `coffee.py order` prints."""
+    """What the workflow returns, and what `coffee.py order` prints. The money fields say what the provider holds."""
 
     order_id: str
     status: OrderStatus = "RECEIVED"
@@ -105,26 +102,27 @@ class OrderState(OrderResult):
     timeline: list[str] = []  # the order's own story; Temporal's event history is in the web UI
     brew_attempts: int = 0  # set once a brew succeeds: the workflow sees outcomes, not retries
     cancel_requested: bool = False  # by the cancel_order signal or by Temporal's own cancel
-    updated_at: datetime  # from workflow.now(), the workflow's deterministic clock
+    updated_at: datetime  # from workflow.now(), the workflow's clock, which replays the same
 
     def result(self) -> OrderResult:
         return OrderResult.model_validate(self.model_dump())  # the result's fields alone
 
 
 class Payment(BaseModel):
-    """What the payment steps are given: the order, its key, and what the workflow has seen charged (0 before)."""
+    """What each money step is given: the order, the key the provider knows it by, and the amount charged (0 at
+    first: the pricing sets it)."""
 
     order: OrderRequest
-    idempotency_key: str  # the order's own (its workflow id), so every run of the id, from any client, shares it
+    idempotency_key: str  # the order's workflow id, so that every run of the order, from any client, shares it
     amount_cents: int = 0
 
 
-# --- The workflow: the order's durable story. Deterministic: no I/O, clock or randomness ---
+# --- The workflow: the order's durable story, replayed on any worker ---
 # Each step gets 5 attempts, waiting 1 s before the second and twice as long before each next one.
 STEP_RETRY_POLICY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_attempts=5)
 # A refund must land, so it never gives up; from 1 s, its waits double up to one a minute.
 REFUND_RETRY_POLICY = RetryPolicy(maximum_interval=timedelta(minutes=1))
-STEP_TIMEOUT = timedelta(seconds=10)
+STEP_TIMEOUT = timedelta(seconds=10)  # for each attempt
 BREW_TIMEOUT = timedelta(minutes=2)
 # A brew silent this long is taken for dead and brewed again: generous, as a busy worker can hold heartbeats back.
 BREW_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
@@ -134,13 +132,13 @@ BREW_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 class OrderCoffeeWorkflow:
     """Charge, brew, send the receipt; refund the charge if the coffee is not made."""
 
-    # workflow.init hands __init__ the input before any signal or query can arrive.
-    @workflow.init
+    # The input is one OrderRequest, checked by read_order rather than by a type hint: any other input then fails the
+    # order at once, saying why, where an input that does not decode would fail the workflow task over and over.
+    @workflow.init  # so that __init__ has the input before any signal or query arrives
     def __init__(self, *inputs: object) -> None:
         self._order = read_order(inputs)
         self._state = OrderState(order_id=self._order.order_id, timeline=["RECEIVED"], updated_at=workflow.now())
-        # The saga: how to undo each step that touched the world (here, the charge), should no coffee be made.
-        self._compensations: list[Callable[[], Awaitable[None]]] = []
+        self._refund_owed = False  # The saga's compensation: once a charge may have taken money, a refund is owed.
         self._brew: workflow.ActivityHandle[int] | None = None
 
     @workflow.run
@@ -148,15 +146,14 @@ class OrderCoffeeWorkflow:
         try:
             await self._charge()
             await self._brew_coffee()
-        # The ways an order really ends without coffee: a step gave up (ActivityError), the cancel signal (the
-        # SDK's CancelledError) or Temporal's own cancel (asyncio's). Any other exception is a bug: it fails the
-        # workflow task, which Temporal retries until a fixed worker carries the order on, its money untouched.
+        # Every cancel and every step that gave up comes here: a step's ActivityError, the cancel_order signal (the
+        # SDK's CancelledError) or Temporal's own cancel (asyncio's). Any other exception is a bug. It fails the
+        # workflow task (this turn of the workflow's code), which Temporal retries until a fixed worker carries on.
         except (ActivityError, CancelledError, asyncio.CancelledError) as err:
-            for compensate in reversed(self._compensations):
-                await compensate()
+            if self._refund_owed:
+                await self._refund()
             return self._end_without_coffee(err)
-        # The coffee is made and paid for: from here on, nothing is undone.
-        await self._send_receipt()
+        await self._send_receipt()  # The coffee is made and paid for: from here on, nothing is undone.
         return self._end("COMPLETED")
 
     @workflow.signal
@@ -166,7 +163,7 @@ class OrderCoffeeWorkflow:
         if self._state.status not in ("RECEIVED", "CHARGING", "BREWING"):
             self._note(f"Cancel request declined: the order is already {self._state.status}")
             return
-        self._state.cancel_requested = True
+        self._state.cancel_requested = True  # The next step will not start (_stop_if_cancelled).
         self._note("Cancel requested")
         if self._brew is not None:
             self._brew.cancel()  # The brew hears of it in the reply to its next heartbeat.
@@ -180,22 +177,20 @@ class OrderCoffeeWorkflow:
         self._move("CHARGING")
         # Owed from the moment the charge starts, as an attempt that timed out may still land. The refund gives
         # back what the key's charge took; finding none, it voids the key, so that a late charge is refused.
-        self._compensations.append(self._refund)
+        self._refund_owed = True
         try:
             self._state.amount_cents = await workflow.execute_activity_method(
                 CoffeeActivities.charge_customer,
                 self._payment(),
                 start_to_close_timeout=STEP_TIMEOUT,
                 retry_policy=STEP_RETRY_POLICY,
-                # On cancel, wait until the step has really stopped before refunding.
+                # On a cancel, wait until the step has really stopped, so that the refund comes after any charge.
                 cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             )
         except ActivityError as err:
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
-                self._compensations.remove(self._refund)  # It took nothing this time: nothing to give back.
-                # Its details are the key's state and amount: the result tells what the provider holds.
-                state, self._state.amount_cents = err.cause.details
-                self._state.charged, self._state.refunded = self._state.amount_cents > 0, state == "refunded"
+                self._refund_owed = False  # This charge took nothing: nothing to give back.
+                self._record(**err.cause.details[0])  # The money the provider holds under the key, if any.
             raise
         self._state.charged = True
         self._note(f"Charged {self._state.amount_cents} cents")
@@ -216,9 +211,7 @@ class OrderCoffeeWorkflow:
         self._note(f"Brewed {self._order.drink} ({self._order.size}) on attempt {self._state.brew_attempts}")
 
     async def _send_receipt(self) -> None:
-        # To add a step while orders are running, guard it so that they still replay (the README shows how):
-        #     if workflow.patched("thank-you-note"):
-        #         await workflow.execute_activity_method(CoffeeActivities.send_thank_you, ...)
+        # A step added while orders run goes behind workflow.patched, so that they still replay (see the README).
         self._move("SENDING_RECEIPT")
         receipt = workflow.start_activity_method(
             CoffeeActivities.send_receipt,
@@ -244,42 +237,38 @@ class OrderCoffeeWorkflow:
             retry_policy=REFUND_RETRY_POLICY,
         )
         refunded = await self._despite_cancel(refund)
-        if refunded:  # The provider's word: it may have taken more than the workflow saw, from a late attempt.
-            self._state.charged, self._state.amount_cents, self._state.refunded = True, refunded, True
+        if refunded:  # The provider's word: a late attempt may have charged what the workflow never saw.
+            self._record(charged=True, refunded=True, amount_cents=refunded)
         self._note(f"Refunded {refunded} cents")
 
-    def _payment(self, amount_cents: int = 0) -> Payment:
-        return Payment(order=self._order, idempotency_key=self._order.workflow_id, amount_cents=amount_cents)
-
-    def _stop_if_cancelled(self) -> None:
-        if self._state.cancel_requested or workflow.cancellation_reason() is not None:
-            raise CancelledError("Order cancelled before this step")
-
     def _end_without_coffee(self, err: BaseException) -> OrderResult:
-        if workflow.cancellation_reason() is not None:
-            # Temporal's own cancel (the CLI, the web UI, handle.cancel()): the money is back.
-            self._note_temporal_cancel()
+        if (reason := workflow.cancellation_reason()) is not None:  # the CLI's, the web UI's, handle.cancel()
+            self._state.cancel_requested = True
+            self._note(f"Cancel requested through Temporal: {reason or 'no reason given'}")
             self._move("CANCELLED")
-            workflow.upsert_memo({"result": self._state.result()})  # Canceled returns nothing: clients read this
+            workflow.upsert_memo({"result": self._state.result()})  # A Canceled workflow returns nothing: see here.
             raise CancelledError("Order cancelled")
         if self._state.cancel_requested:
             return self._end("CANCELLED")
         self._state.last_error = error_text(err)
         return self._end("FAILED")
 
+    def _stop_if_cancelled(self) -> None:
+        if self._state.cancel_requested or workflow.cancellation_reason() is not None:
+            raise CancelledError("Order cancelled before this step")
+
     async def _despite_cancel(self, step: workflow.ActivityHandle[Any]) -> Any:
-        """Wait for a step that no Temporal cancel may stop: a refund, or a receipt for coffee made."""
+        """Wait for a step that Temporal's cancel may not stop: a refund, or a receipt for coffee made."""
         try:
             return await asyncio.shield(step)
         except asyncio.CancelledError:
-            self._note_temporal_cancel()
             return await step  # The cancel stopped the wait, not the step: wait again.
 
-    def _note_temporal_cancel(self) -> None:
-        reason = workflow.cancellation_reason()
-        if reason is not None and not self._state.cancel_requested:
-            self._state.cancel_requested = True
-            self._note(f"Cancel requested through Temporal: {reason or 'no reason given'}")
+    def _payment(self, amount_cents: int = 0) -> Payment:
+        return Payment(order=self._order, idempotency_key=self._order.workflow_id, amount_cents=amount_cents)
+
+    def _record(self, charged: bool, refunded: bool, amount_cents: int) -> None:
+        self._state.charged, self._state.refunded, self._state.amount_cents = charged, refunded, amount_cents
 
     def _end(self, status: OrderStatus) -> OrderResult:
         self._move(status)
@@ -311,11 +300,11 @@ def error_text(err: BaseException) -> str:
     return str(cause) if isinstance(cause, ApplicationError) else f"{type(cause).__name__}: {cause}"
 
 
-# --- Activities: the steps that touch the world, with Temporal's retries, timeouts, heartbeats ---
+# --- Activities: the steps that touch the world, with Temporal's retries, timeouts and heartbeats ---
 class CoffeeActivities:
     """Activities as methods, so that the worker hands them their services (and tests, others)."""
 
-    def __init__(self, services: "ServiceFactory") -> None:
+    def __init__(self, services: "ServiceFactory") -> None:  # in quotes: the services are defined below
         self._services = services
 
     @activity.defn
@@ -332,8 +321,7 @@ class CoffeeActivities:
     async def brew_coffee(self, payment: Payment) -> int:
         """Brews, and returns the attempt that succeeded. Heartbeats are how a cancel reaches it."""
         try:
-            # Only coffee that is paid for: a reset can replay a charge that was refunded since. (A local read, so
-            # no thread; a real provider's check is a remote call, which would go to a thread like the charge.)
+            # Brew only what is paid for: a reset can replay a charge that has been refunded since.
             self._services.payment.check(payment.idempotency_key, payment.amount_cents)
             await self._services.brewing.brew(payment.order, heartbeat=activity.heartbeat)
         except (BrewMachineJammed, PaymentRefused) as err:
@@ -353,8 +341,7 @@ class CoffeeActivities:
     async def refund_customer(self, payment: Payment) -> int:
         order_id, charged = payment.order.order_id, payment.amount_cents
         refunded = await asyncio.to_thread(self._services.payment.refund, order_id, payment.idempotency_key)
-        if refunded < charged:
-            # Less than the workflow saw charged: never settle for that. Say so loudly, and retry.
+        if refunded < charged:  # Less than the workflow saw charged: never settle for that. Say so, and retry.
             message = f"Refunded {refunded} of the {charged} cents charged for order {order_id}"
             logging.getLogger("coffee.payment").error("%s; will retry", message)
             raise ApplicationError(message, type="RefundShort")
@@ -367,10 +354,9 @@ class CoffeeActivities:
 def expected_failure(err: Exception) -> ApplicationError:
     """A service's error as the step's failure. BENIGN: expected, so the SDK logs it without a stack trace.
     A refused payment stays refused: non_retryable fails the step at once, without retries."""
-    message, *details = err.args
     refused = isinstance(err, PaymentRefused)
     category = ApplicationErrorCategory.BENIGN
-    return ApplicationError(message, *details, type=type(err).__name__, non_retryable=refused, category=category)
+    return ApplicationError(*err.args, type=type(err).__name__, non_retryable=refused, category=category)
 
 
 # --- Services: pricing, payment, brewing and receipts, knowing nothing of Temporal ---
@@ -396,14 +382,14 @@ class StandardPricingStrategy:
 
 class PaymentRefused(Exception):
     """The provider will not take this payment, and asking again will not change its mind. Its arguments: the
-    message, then the key's state and amount."""
+    message, then the money the provider holds under the key, by OrderResult's names."""
 
 
 class PaymentService:
-    """A pretend payment provider that, like a real one, keeps one record per idempotency key and moves it one way:
-    charged, then refunded; or voided, by a refund that found no charge. A repeated call moves no money and returns
-    the first outcome; a charge under a refunded or voided key, or of another amount, is refused. The records live
-    in SQLite, in a file that workers can share, so they outlive any one worker."""
+    """A pretend payment provider. Like a real one, it keeps one record per idempotency key, and a record only moves
+    forward: charged, then refunded; or voided, by a refund that found no charge. A call repeated moves no money and
+    returns the first outcome. A charge under a refunded or voided key, or of another amount, is refused. Records
+    live in SQLite, in a file that workers can share, so they outlive any one worker."""
 
     def __init__(self, database: str) -> None:
         self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None, timeout=30)
@@ -417,9 +403,7 @@ class PaymentService:
 
     def charge(self, order_id: str, amount_cents: int, key: str) -> int:
         self._log.info("Charging order %s for %d cents", order_id, amount_cents)
-        new = self._write(
-            "INSERT INTO payments VALUES (?, ?, ?, 'charged') ON CONFLICT DO NOTHING", key, order_id, amount_cents
-        )
+        new = self._write("INSERT OR IGNORE INTO payments VALUES (?, ?, ?, 'charged')", key, order_id, amount_cents)
         self.check(key, amount_cents)  # Refused if the key was refunded, voided, or charged another amount.
         again = "Order %s was charged before with this key; not charging again"
         self._log.info("Charge successful for order %s" if new else again, order_id)
@@ -427,23 +411,14 @@ class PaymentService:
 
     def refund(self, order_id: str, key: str) -> int:
         """Gives back what the key's charge took, once. With no charge, voids the key: a later charge is refused."""
-        voided = "INSERT INTO payments VALUES (?, ?, 0, 'voided')"
-        changed = self._write(
-            f"{voided} ON CONFLICT DO UPDATE SET state = 'refunded' WHERE state = 'charged'", key, order_id
-        )
+        new = self._write("INSERT OR IGNORE INTO payments VALUES (?, ?, 0, 'voided')", key, order_id)
+        refunded = self._write("UPDATE payments SET state = 'refunded' WHERE key = ? AND state = 'charged'", key)
         state, amount = self._read(key)
-        if changed and state == "refunded":
+        if refunded:
             self._log.info("Refunded %d cents for order %s", amount, order_id)
-        elif changed:
+        elif new:
             self._log.info("Voided the payment for order %s, which had no charge: none can land now", order_id)
         return amount if state == "refunded" else 0
-
-    @property
-    def ledger(self) -> list[tuple[str, str, int]]:  # the money moved, as (kind, order_id, amount_cents)
-        with self._lock:
-            rows = self._db.execute("SELECT order_id, amount_cents, state FROM payments ORDER BY rowid").fetchall()
-        moves = {"charged": ["charge"], "refunded": ["charge", "refund"], "voided": []}
-        return [(kind, order_id, cents) for order_id, cents, state in rows for kind in moves[state]]
 
     def check(self, key: str, amount_cents: int) -> None:
         """Raises PaymentRefused unless the key holds a charge of this amount."""
@@ -451,7 +426,15 @@ class PaymentService:
         if (state, amount) != ("charged", amount_cents):
             why = f"{key}'s payment is {state} ({amount} cents), so no payment of {amount_cents} cents goes through"
             self._log.warning("Refused: %s", why)
-            raise PaymentRefused(f"{why} under its key: place a new order under a new id", state, amount)
+            money = {"charged": amount > 0, "refunded": state == "refunded", "amount_cents": amount}
+            raise PaymentRefused(f"{why} under its key: place a new order under a new id", money)
+
+    @property
+    def ledger(self) -> list[tuple[str, str, int]]:  # the money moved, as (kind, order_id, amount_cents)
+        with self._lock:
+            rows = self._db.execute("SELECT order_id, amount_cents, state FROM payments ORDER BY rowid").fetchall()
+        moves = {"charged": ["charge"], "refunded": ["charge", "refund"], "voided": []}
+        return [(kind, order_id, cents) for order_id, cents, state in rows for kind in moves[state]]
 
     def _read(self, key: str) -> tuple[str, int]:
         with self._lock:
@@ -514,7 +497,7 @@ class ServiceFactory:
         self.notification = NotificationService()
 
 
-# --- The worker: polls the task queue, runs workflow tasks and activities ---
+# --- The worker: asks the task queue for work, and runs workflow tasks and activities ---
 def new_worker(client: Client, services: ServiceFactory, task_queue: str = TASK_QUEUE, grace: float = 0) -> Worker:
     return Worker(
         client,
@@ -549,7 +532,6 @@ async def connect() -> Client:
 
 OrderHandle = WorkflowHandle[OrderCoffeeWorkflow, OrderResult]
 OnChange = Callable[[OrderState, list[str]], None]  # gets the state and the events new since its last call
-TERMINATED = WorkflowExecutionStatus.TERMINATED
 
 
 async def start_order(client: Client, order: OrderRequest, task_queue: str = TASK_QUEUE) -> OrderHandle:
@@ -578,25 +560,28 @@ async def wait_for_order(
     handle: OrderHandle, on_change: OnChange | None = None, cancel_after: float | None = None
 ) -> OrderResult:
     """Wait for the order's result; on the way, follow its state or cancel it, if asked to."""
-    follower = None
+    follower = canceller = None
     if on_change and (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:  # else no state to show
         follower = asyncio.create_task(follow_state(handle, on_change))
-    canceller = None if cancel_after is None else asyncio.create_task(cancel_later(handle, cancel_after))
+    if cancel_after is not None:
+        canceller = asyncio.create_task(cancel_later(handle, cancel_after))
     try:
         while True:
             try:
                 result = await handle.result()
+                break
             except WorkflowFailureError as err:
-                if isinstance(err.cause, CancelledError):
-                    # Temporal's own cancel leaves no result: the workflow put it in its memo.
-                    result = await (await handle.describe()).memo_value("result", type_hint=OrderResult)
-                elif isinstance(err.cause, TerminatedError) and (await handle.describe()).status != TERMINATED:
+                latest = await handle.describe()
+                if latest.status == WorkflowExecutionStatus.RUNNING:
                     continue  # A reset ended that run and began another: follow the new one.
-                else:
-                    raise  # terminated or timed out: Temporal ended it without its compensation
-            if follower:
-                await follower  # It stops by itself once it has seen the order end.
-            return result
+                if not isinstance(err.cause, CancelledError):
+                    raise  # It failed; or Temporal terminated it or timed it out, without its compensation.
+                # Temporal's own cancel leaves no result: the workflow put it in its memo.
+                result = await latest.memo_value("result", type_hint=OrderResult)
+                break
+        if follower:
+            await follower  # It stops by itself once it has seen the order end.
+        return result
     finally:
         for task in filter(None, (follower, canceller)):
             task.cancel()
@@ -687,13 +672,13 @@ async def run_demo() -> None:
         print("   (A worker killed outright hands nothing back: the server notices at the 10 s heartbeat timeout.)")
         print("\nThe event history of order 4, as the server recorded it and worker 2 replayed it")
         print("(the workflow tasks' Scheduled and Started events left out):")
-        print_history((await handle.fetch_history()).events)
+        print_history(await handle.fetch_history())
 
 
-def print_history(events: Sequence[HistoryEvent]) -> None:
+def print_history(history: WorkflowHistory) -> None:
     """Each event in Temporal's own name, as `temporal workflow show` prints it, with its activity and attempt."""
     steps: dict[int, str] = {}
-    for event in events:
+    for event in history.events:
         kind = EventType.Name(event.event_type).removeprefix("EVENT_TYPE_").title().replace("_", "")
         if kind in ("WorkflowTaskScheduled", "WorkflowTaskStarted"):
             continue
@@ -749,7 +734,7 @@ def web_ui_url(target_host: str, namespace: str) -> str:
     return f"http://{host}:{int(port) + 1000}/namespaces/{namespace}/workflows"  # 7233 -> 8233
 
 
-# --- Plumbing: the command line, its one-line errors, signals and binaries. Skip it at first ---
+# --- The command line: its flags, its one-line errors, Ctrl-C. Skip it at first ---
 class CommandError(Exception):
     """A problem the user can fix: the command line prints it, with no traceback, and exits 1."""
 
@@ -842,25 +827,25 @@ async def run_command(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
     try:
-        return await dispatch(args)
+        if args.command == "demo":
+            await run_demo()
+        elif args.command == "worker":
+            settings = ServiceSettings(args.brew_failure_rate, args.brew_seconds, args.payments_db)
+            try:
+                services = ServiceFactory(settings)
+            except sqlite3.Error as err:  # a folder that is not there, a file that is not a database
+                raise CommandError(f"cannot keep payment records in {settings.payments_db}: {err}.") from None
+            await run_worker(await connect_or_explain(), services)
+        else:
+            return await place_order(args)
+        return 0
     finally:  # Ending: a second Ctrl-C changes nothing, even while the event loop closes.
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
 
 
-async def dispatch(args: argparse.Namespace) -> int:
-    if args.command == "demo":
-        await run_demo()
-        return 0
-    if args.command == "worker":
-        settings = ServiceSettings(args.brew_failure_rate, args.brew_seconds, args.payments_db)
-        try:
-            services = ServiceFactory(settings)
-        except sqlite3.Error as err:  # a folder that is not there, a file that is not a database
-            raise CommandError(f"cannot keep payment records in {settings.payments_db}: {err}.") from None
-        await run_worker(await connect_or_explain(), services)
-        return 0
+async def place_order(args: argparse.Namespace) -> int:
     client = await connect_or_explain()
     order = OrderRequest(order_id=args.order_id, drink=args.drink, size=args.size)
     on_change = (lambda state, _: print(state.model_dump_json())) if args.query else None
