@@ -9,11 +9,12 @@ Run it:  python coffee.py demo     (or, with nothing installed but uv:  uv run c
          python coffee.py order --order-id 123 --drink latte --size M [--query] [--cancel-after 1]
 
 How Temporal runs it. A client asks the Temporal server to start an order. A worker (this file, running) asks the
-server for work, runs it, and reports back. The server records each step in the order's event history. When a worker
-stops, another rebuilds the order by replaying that history through the same code: each step already done returns
-its recorded result instead of running again. So workflow code must take the same path on every replay: no clock,
-randomness or I/O of its own. Whatever touches the world, a charge or a brew, is an activity, retried as its retry
-policy says.
+server for work and runs it. The server records each step of the order in its event history. When a worker stops,
+another rebuilds the order by replaying that history through the same code: a step already done returns its recorded
+result instead of running again. So workflow code must take the same path on every replay: no clock, randomness or
+I/O of its own. Whatever touches the world, a charge or a brew, is an activity, retried as its retry policy says.
+A worker runs workflow code in turns, one per new event, called workflow tasks, each in a sandbox: a fresh import of
+this file, cut off from the outside world. So the file's top level only defines things.
 
 Read it top to bottom. To copy into a project: the models, OrderCoffeeWorkflow (charge, brew, send a receipt; refund
 if the coffee is not made), the activities, new_worker, connect and start_order. What only runs this example: the
@@ -109,12 +110,11 @@ class OrderState(OrderResult):
 
 
 class Payment(BaseModel):
-    """What each money step is given: the order, the key the provider knows it by, and the amount charged (0 at
-    first: the pricing sets it)."""
+    """What each money step is given: the order, the key the provider knows it by, and what has been charged."""
 
     order: OrderRequest
     idempotency_key: str  # the order's workflow id, so that every run of the order, from any client, shares it
-    amount_cents: int = 0
+    amount_cents: int = 0  # 0 until the charge returns the price
 
 
 # --- The workflow: the order's durable story, replayed on any worker ---
@@ -126,6 +126,18 @@ STEP_TIMEOUT = timedelta(seconds=10)  # for each attempt
 BREW_TIMEOUT = timedelta(minutes=2)
 # A brew silent this long is taken for dead and brewed again: generous, as a busy worker can hold heartbeats back.
 BREW_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
+
+
+def read_order(inputs: tuple[object, ...]) -> OrderRequest:
+    """Any client can send anything: all but one order fails the workflow at once, saying why."""
+    try:
+        if len(inputs) != 1:
+            raise ValueError(f"it got {len(inputs)} inputs")
+        return OrderRequest.model_validate(inputs[0])
+    except ValueError as err:  # pydantic's ValidationError is a ValueError
+        example = '{"order_id": "123", "drink": "latte", "size": "M"}'
+        message = f"OrderCoffeeWorkflow takes one order as its input, such as {example}, but {err}"
+        raise ApplicationError(message, type="InvalidOrder", non_retryable=True) from None
 
 
 @workflow.defn
@@ -152,7 +164,16 @@ class OrderCoffeeWorkflow:
         except (ActivityError, CancelledError, asyncio.CancelledError) as err:
             if self._refund_owed:
                 await self._refund()
-            return self._end_without_coffee(err)
+            if (reason := workflow.cancellation_reason()) is not None:  # Temporal's: CLI, web UI, handle.cancel()
+                self._state.cancel_requested = True
+                self._note(f"Cancel requested through Temporal: {reason or 'no reason given'}")
+                self._move("CANCELLED")
+                # The workflow ends Canceled, which returns nothing: the result goes in its memo, for clients to read.
+                workflow.upsert_memo({"result": self._state.result()})
+                raise CancelledError("Order cancelled") from None
+            if not self._state.cancel_requested:
+                self._state.last_error = error_text(err)
+            return self._end("CANCELLED" if self._state.cancel_requested else "FAILED")
         await self._send_receipt()  # The coffee is made and paid for: from here on, nothing is undone.
         return self._end("COMPLETED")
 
@@ -200,7 +221,7 @@ class OrderCoffeeWorkflow:
         self._move("BREWING")
         self._brew = workflow.start_activity_method(
             CoffeeActivities.brew_coffee,
-            self._payment(self._state.amount_cents),
+            self._payment(),
             start_to_close_timeout=BREW_TIMEOUT,
             heartbeat_timeout=BREW_HEARTBEAT_TIMEOUT,
             retry_policy=STEP_RETRY_POLICY,
@@ -215,7 +236,7 @@ class OrderCoffeeWorkflow:
         self._move("SENDING_RECEIPT")
         receipt = workflow.start_activity_method(
             CoffeeActivities.send_receipt,
-            self._payment(self._state.amount_cents),
+            self._payment(),
             start_to_close_timeout=STEP_TIMEOUT,
             retry_policy=STEP_RETRY_POLICY,
         )
@@ -232,7 +253,7 @@ class OrderCoffeeWorkflow:
         self._move("REFUNDING")
         refund = workflow.start_activity_method(
             CoffeeActivities.refund_customer,
-            self._payment(self._state.amount_cents),
+            self._payment(),
             start_to_close_timeout=STEP_TIMEOUT,
             retry_policy=REFUND_RETRY_POLICY,
         )
@@ -240,18 +261,6 @@ class OrderCoffeeWorkflow:
         if refunded:  # The provider's word: a late attempt may have charged what the workflow never saw.
             self._record(charged=True, refunded=True, amount_cents=refunded)
         self._note(f"Refunded {refunded} cents")
-
-    def _end_without_coffee(self, err: BaseException) -> OrderResult:
-        if (reason := workflow.cancellation_reason()) is not None:  # the CLI's, the web UI's, handle.cancel()
-            self._state.cancel_requested = True
-            self._note(f"Cancel requested through Temporal: {reason or 'no reason given'}")
-            self._move("CANCELLED")
-            workflow.upsert_memo({"result": self._state.result()})  # A Canceled workflow returns nothing: see here.
-            raise CancelledError("Order cancelled")
-        if self._state.cancel_requested:
-            return self._end("CANCELLED")
-        self._state.last_error = error_text(err)
-        return self._end("FAILED")
 
     def _stop_if_cancelled(self) -> None:
         if self._state.cancel_requested or workflow.cancellation_reason() is not None:
@@ -264,8 +273,10 @@ class OrderCoffeeWorkflow:
         except asyncio.CancelledError:
             return await step  # The cancel stopped the wait, not the step: wait again.
 
-    def _payment(self, amount_cents: int = 0) -> Payment:
-        return Payment(order=self._order, idempotency_key=self._order.workflow_id, amount_cents=amount_cents)
+    def _payment(self) -> Payment:
+        return Payment(
+            order=self._order, idempotency_key=self._order.workflow_id, amount_cents=self._state.amount_cents
+        )
 
     def _record(self, charged: bool, refunded: bool, amount_cents: int) -> None:
         self._state.charged, self._state.refunded, self._state.amount_cents = charged, refunded, amount_cents
@@ -281,18 +292,6 @@ class OrderCoffeeWorkflow:
     def _note(self, event: str) -> None:
         self._state.timeline.append(event)
         self._state.updated_at = workflow.now()
-
-
-def read_order(inputs: tuple[object, ...]) -> OrderRequest:
-    """Any client can send anything: all but one order fails the workflow at once, saying why."""
-    try:
-        if len(inputs) != 1:
-            raise ValueError(f"it got {len(inputs)} inputs")
-        return OrderRequest.model_validate(inputs[0])
-    except ValueError as err:  # pydantic's ValidationError is a ValueError
-        example = '{"order_id": "123", "drink": "latte", "size": "M"}'
-        message = f"OrderCoffeeWorkflow takes one order as its input, such as {example}, but {err}"
-        raise ApplicationError(message, type="InvalidOrder", non_retryable=True) from None
 
 
 def error_text(err: BaseException) -> str:
