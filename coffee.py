@@ -8,17 +8,20 @@ Run it:  python coffee.py demo     (or, with nothing installed but uv:  uv run c
          python coffee.py worker   and, in another terminal,
          python coffee.py order --order-id 123 --drink latte --size M [--query] [--cancel-after 1]
 
-How Temporal runs it. A client asks the Temporal server to start an order. A worker (this file, running) asks the
-server for work and runs it. The server records each step of the order in its event history. When a worker stops,
-another rebuilds the order by replaying that history through the same code: a step already done returns its recorded
-result instead of running again. So workflow code must take the same path on every replay: no clock, randomness or
-I/O of its own. Whatever touches the world, a charge or a brew, is an activity, retried as its retry policy says.
-A worker runs workflow code in turns, one per new event, called workflow tasks, each in a sandbox: a fresh import of
-this file, cut off from the outside world. So the file's top level only defines things.
+How Temporal runs it:
+- A client asks the Temporal server to start an order. A worker (this file, running) asks the server for work.
+- The server records each step of an order in its event history. If a worker stops, another rebuilds the order by
+  replaying that history through the same code: a step already done returns its recorded result, without running.
+- So workflow code must take the same path on every replay: no clock, randomness or I/O of its own. Whatever
+  touches the world, a charge or a brew, is an activity: run by a worker, and retried as its retry policy says.
+- A worker runs workflow code in short turns, called workflow tasks, each in a sandbox: a fresh import of this
+  file, shut off from the outside world. So the file's top level only defines things.
+- While an order runs, a signal (cancel_order) can change its course, and a query (get_status) can read its state.
+  An operator can also reset an order: run it again, as a new run, from a chosen point in its history.
 
-Read it top to bottom. To copy into a project: the models, OrderCoffeeWorkflow (charge, brew, send a receipt; refund
-if the coffee is not made), the activities, new_worker, connect and start_order. What only runs this example: the
-pretend services, the client's waiting, the demo and, last, the command line.
+Read it top to bottom. To copy into a project: the models, OrderCoffeeWorkflow (charge, brew, send a receipt;
+refund if the coffee is not made), the activities, new_worker, connect and start_order. The rest only runs this
+example: the pretend services, the client's waiting, the demo and, last, the command line.
 """
 
 import argparse
@@ -101,7 +104,7 @@ class OrderState(OrderResult):
     """What the get_status query returns: the result so far, and how the order got there."""
 
     timeline: list[str] = []  # the order's own story; Temporal's event history is in the web UI
-    brew_attempts: int = 0  # set once a brew succeeds: the workflow sees outcomes, not retries
+    brew_attempts: int = 0  # the brew's winning attempt: Temporal retries a step out of the workflow's sight
     cancel_requested: bool = False  # by the cancel_order signal or by Temporal's own cancel
     updated_at: datetime  # from workflow.now(), the workflow's clock, which replays the same
 
@@ -129,7 +132,7 @@ BREW_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 
 
 def read_order(inputs: tuple[object, ...]) -> OrderRequest:
-    """Any client can send anything: all but one order fails the workflow at once, saying why."""
+    """The workflow's input, checked: anything but one order fails the order at once, saying why."""
     try:
         if len(inputs) != 1:
             raise ValueError(f"it got {len(inputs)} inputs")
@@ -144,13 +147,16 @@ def read_order(inputs: tuple[object, ...]) -> OrderRequest:
 class OrderCoffeeWorkflow:
     """Charge, brew, send the receipt; refund the charge if the coffee is not made."""
 
-    # The input is one OrderRequest, checked by read_order rather than by a type hint: any other input then fails the
-    # order at once, saying why, where an input that does not decode would fail the workflow task over and over.
-    @workflow.init  # so that __init__ has the input before any signal or query arrives
+    # Any client can send any input, so it is taken as it comes (*inputs) and checked by read_order. A type hint
+    # would decode it before any code of ours runs, and an input that failed to decode would fail the workflow task,
+    # again and again, instead of the order.
+    @workflow.init  # so that __init__ has the input before any signal or query arrives; run gets it too, unused
     def __init__(self, *inputs: object) -> None:
         self._order = read_order(inputs)
         self._state = OrderState(order_id=self._order.order_id, timeline=["RECEIVED"], updated_at=workflow.now())
-        self._refund_owed = False  # The saga's compensation: once a charge may have taken money, a refund is owed.
+        # A saga: a step that touches the world has an undo, a compensation, run if the order cannot finish.
+        # The one such step here is the charge, undone by a refund.
+        self._refund_owed = False
         self._brew: workflow.ActivityHandle[int] | None = None
 
     @workflow.run
@@ -158,17 +164,17 @@ class OrderCoffeeWorkflow:
         try:
             await self._charge()
             await self._brew_coffee()
-        # Every cancel and every step that gave up comes here: a step's ActivityError, the cancel_order signal (the
-        # SDK's CancelledError) or Temporal's own cancel (asyncio's). Any other exception is a bug. It fails the
-        # workflow task (this turn of the workflow's code), which Temporal retries until a fixed worker carries on.
-        except (ActivityError, CancelledError, asyncio.CancelledError) as err:
+        # Every way an order ends without coffee comes here: a step failed for good (ActivityError), or the order was
+        # cancelled (asyncio.CancelledError), by the cancel_order signal or by Temporal. Any other exception is a bug:
+        # it fails the workflow task (this turn of the workflow's code), which Temporal retries until a fix is deployed.
+        except (ActivityError, asyncio.CancelledError) as err:
             if self._refund_owed:
                 await self._refund()
             if (reason := workflow.cancellation_reason()) is not None:  # Temporal's: CLI, web UI, handle.cancel()
                 self._state.cancel_requested = True
                 self._note(f"Cancel requested through Temporal: {reason or 'no reason given'}")
                 self._move("CANCELLED")
-                # The workflow ends Canceled, which returns nothing: the result goes in its memo, for clients to read.
+                # The workflow ends Canceled, which returns no result: it goes in the memo, for clients to read.
                 workflow.upsert_memo({"result": self._state.result()})
                 raise CancelledError("Order cancelled") from None
             if not self._state.cancel_requested:
@@ -177,6 +183,8 @@ class OrderCoffeeWorkflow:
         await self._send_receipt()  # The coffee is made and paid for: from here on, nothing is undone.
         return self._end("COMPLETED")
 
+    # The shop's own cancel. Temporal's cancel takes the same way out, but ends the workflow Canceled, with no result;
+    # this one ends the order CANCELLED and returns its result, as any order does.
     @workflow.signal
     def cancel_order(self) -> None:
         if self._state.cancel_requested:
@@ -196,8 +204,8 @@ class OrderCoffeeWorkflow:
     async def _charge(self) -> None:
         self._stop_if_cancelled()
         self._move("CHARGING")
-        # Owed from the moment the charge starts, as an attempt that timed out may still land. The refund gives
-        # back what the key's charge took; finding none, it voids the key, so that a late charge is refused.
+        # Owed from the moment the charge starts, as an attempt that timed out may still land. The refund gives back
+        # what the key's charge took; if none has landed, the provider voids the key, so that a late one is refused.
         self._refund_owed = True
         try:
             self._state.amount_cents = await workflow.execute_activity_method(
@@ -211,7 +219,8 @@ class OrderCoffeeWorkflow:
         except ActivityError as err:
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
                 self._refund_owed = False  # This charge took nothing: nothing to give back.
-                self._record(**err.cause.details[0])  # The money the provider holds under the key, if any.
+                # The refusal's details: what the provider holds under the key (charged, refunded, amount_cents).
+                self._record(**err.cause.details[0])
             raise
         self._state.charged = True
         self._note(f"Charged {self._state.amount_cents} cents")
@@ -219,6 +228,7 @@ class OrderCoffeeWorkflow:
     async def _brew_coffee(self) -> None:
         self._stop_if_cancelled()
         self._move("BREWING")
+        # Started, then awaited, rather than executed: the handle is what cancel_order cancels.
         self._brew = workflow.start_activity_method(
             CoffeeActivities.brew_coffee,
             self._payment(),
@@ -232,7 +242,8 @@ class OrderCoffeeWorkflow:
         self._note(f"Brewed {self._order.drink} ({self._order.size}) on attempt {self._state.brew_attempts}")
 
     async def _send_receipt(self) -> None:
-        # A step added while orders run goes behind workflow.patched, so that they still replay (see the README).
+        # A step added while orders are running must be guarded, so that their histories still replay:
+        #     if workflow.patched("thank-you-note"): await workflow.execute_activity_method(...)
         self._move("SENDING_RECEIPT")
         receipt = workflow.start_activity_method(
             CoffeeActivities.send_receipt,
@@ -263,15 +274,16 @@ class OrderCoffeeWorkflow:
         self._note(f"Refunded {refunded} cents")
 
     def _stop_if_cancelled(self) -> None:
+        """Before a step: a cancel that came since the last one ends the order here, as one during a step would."""
         if self._state.cancel_requested or workflow.cancellation_reason() is not None:
-            raise CancelledError("Order cancelled before this step")
+            raise asyncio.CancelledError("Order cancelled before this step")
 
     async def _despite_cancel(self, step: workflow.ActivityHandle[Any]) -> Any:
-        """Wait for a step that Temporal's cancel may not stop: a refund, or a receipt for coffee made."""
+        """Wait for a step that Temporal's cancel must not stop: a refund, or the receipt for coffee made."""
         try:
-            return await asyncio.shield(step)
+            return await asyncio.shield(step)  # Temporal's cancel stops this wait, but the shield keeps it off the step
         except asyncio.CancelledError:
-            return await step  # The cancel stopped the wait, not the step: wait again.
+            return await step  # which goes on: wait for it again.
 
     def _payment(self) -> Payment:
         return Payment(
@@ -334,7 +346,7 @@ class CoffeeActivities:
 
     @activity.defn
     async def send_receipt(self, payment: Payment) -> None:
-        self._services.notification.send_receipt(payment.order, payment.amount_cents)  # logs only
+        self._services.notification.send_receipt(payment.order, payment.amount_cents)  # It only logs: no thread.
 
     @activity.defn
     async def refund_customer(self, payment: Payment) -> int:
@@ -788,6 +800,7 @@ def checked(rule: Any, hint: str) -> Callable[[str], Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+
     server = "The server comes from Temporal's environment configuration: TEMPORAL_ADDRESS (else localhost:7233), "
     server += "TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, or a profile in its config file chosen with TEMPORAL_PROFILE."
     parser = argparse.ArgumentParser(
@@ -898,7 +911,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=log_format, datefmt="%Y-%m-%d %H:%M:%S")
     logging.getLogger("temporalio").setLevel(logging.WARNING)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # line by line
-    # A workflow whose __init__ raises (a bad input) leaves the SDK's run coroutine unstarted.
+    # A bad input makes the workflow's __init__ raise (read_order), which leaves the SDK's run coroutine unstarted.
     warnings.filterwarnings("ignore", "coroutine '_WorkflowInstanceImpl.*' was never awaited", RuntimeWarning)
     if args.command != "worker":
         # These commands tell of a lost server in one line; the SDK would warn of each retried call.
