@@ -17,7 +17,8 @@ How Temporal runs it:
 - A worker runs workflow code in short turns, called workflow tasks, each in a sandbox: a fresh import of this
   file, shut off from the outside world. So the file's top level only defines things.
 - While an order runs, a signal (cancel_order) can change its course, and a query (get_status) can read its state.
-  An operator can also reset an order: run it again, as a new run, from a chosen point in its history.
+  An operator can also reset an order: Temporal ends its run and starts a new one, which replays the history up
+  to a chosen event and runs on from there.
 
 Read it top to bottom. To copy into a project: the models, OrderCoffeeWorkflow (charge, brew, send a receipt;
 refund if the coffee is not made), the activities, new_worker, connect and start_order. The rest only runs this
@@ -50,13 +51,7 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureEr
 from temporalio.common import RetryPolicy, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.envconfig import ClientConfig
-from temporalio.exceptions import (
-    ActivityError,
-    ApplicationError,
-    ApplicationErrorCategory,
-    CancelledError,
-    WorkflowAlreadyStartedError,
-)
+from temporalio.exceptions import ActivityError, ApplicationError, ApplicationErrorCategory, WorkflowAlreadyStartedError
 from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
@@ -104,7 +99,7 @@ class OrderState(OrderResult):
     """What the get_status query returns: the result so far, and how the order got there."""
 
     timeline: list[str] = []  # the order's own story; Temporal's event history is in the web UI
-    brew_attempts: int = 0  # the brew's winning attempt: Temporal retries a step out of the workflow's sight
+    brew_attempts: int = 0  # the attempt that made the coffee: 2 if the first brew jammed and a retry worked
     cancel_requested: bool = False  # by the cancel_order signal or by Temporal's own cancel
     updated_at: datetime  # from workflow.now(), the workflow's clock, which replays the same
 
@@ -147,10 +142,10 @@ def read_order(inputs: tuple[object, ...]) -> OrderRequest:
 class OrderCoffeeWorkflow:
     """Charge, brew, send the receipt; refund the charge if the coffee is not made."""
 
-    # Any client can send any input, so it is taken as it comes (*inputs) and checked by read_order. A type hint
-    # would decode it before any code of ours runs, and an input that failed to decode would fail the workflow task,
-    # again and again, instead of the order.
-    @workflow.init  # so that __init__ has the input before any signal or query arrives; run gets it too, unused
+    # Any client may send anything, so the input comes as it is (*inputs) and read_order checks it: a bad one fails
+    # the order at once, saying why. With a type hint, the SDK would decode it first, and a bad one would fail the
+    # workflow task instead, retried without end. run takes the same input, as the SDK asks, and leaves it unused.
+    @workflow.init  # so that __init__ has the input before any signal or query arrives
     def __init__(self, *inputs: object) -> None:
         self._order = read_order(inputs)
         self._state = OrderState(order_id=self._order.order_id, timeline=["RECEIVED"], updated_at=workflow.now())
@@ -170,13 +165,14 @@ class OrderCoffeeWorkflow:
         except (ActivityError, asyncio.CancelledError) as err:
             if self._refund_owed:
                 await self._refund()
-            if (reason := workflow.cancellation_reason()) is not None:  # Temporal's: CLI, web UI, handle.cancel()
+            # Temporal's own cancel (from the CLI, the web UI or handle.cancel()), with its reason, maybe "".
+            if (reason := workflow.cancellation_reason()) is not None:
                 self._state.cancel_requested = True
                 self._note(f"Cancel requested through Temporal: {reason or 'no reason given'}")
                 self._move("CANCELLED")
                 # The workflow ends Canceled, which returns no result: it goes in the memo, for clients to read.
                 workflow.upsert_memo({"result": self._state.result()})
-                raise CancelledError("Order cancelled") from None
+                raise asyncio.CancelledError("Order cancelled") from None
             if not self._state.cancel_requested:
                 self._state.last_error = error_text(err)
             return self._end("CANCELLED" if self._state.cancel_requested else "FAILED")
@@ -205,7 +201,7 @@ class OrderCoffeeWorkflow:
         self._stop_if_cancelled()
         self._move("CHARGING")
         # Owed from the moment the charge starts, as an attempt that timed out may still land. The refund gives back
-        # what the key's charge took; if none has landed, the provider voids the key, so that a late one is refused.
+        # what the key's charge took; if none has landed yet, the provider marks the key void, and refuses any later.
         self._refund_owed = True
         try:
             self._state.amount_cents = await workflow.execute_activity_method(
@@ -219,7 +215,7 @@ class OrderCoffeeWorkflow:
         except ActivityError as err:
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
                 self._refund_owed = False  # This charge took nothing: nothing to give back.
-                # The refusal's details: what the provider holds under the key (charged, refunded, amount_cents).
+                # Its details: what the provider holds under the key: {"charged", "refunded", "amount_cents"}.
                 self._record(**err.cause.details[0])
             raise
         self._state.charged = True
@@ -281,9 +277,9 @@ class OrderCoffeeWorkflow:
     async def _despite_cancel(self, step: workflow.ActivityHandle[Any]) -> Any:
         """Wait for a step that Temporal's cancel must not stop: a refund, or the receipt for coffee made."""
         try:
-            return await asyncio.shield(step)  # Temporal's cancel stops this wait, but the shield keeps it off the step
+            return await asyncio.shield(step)  # The shield takes the cancel: it ends this wait, not the step.
         except asyncio.CancelledError:
-            return await step  # which goes on: wait for it again.
+            return await step  # A workflow may carry on after Temporal's cancel: wait for the step again.
 
     def _payment(self) -> Payment:
         return Payment(
@@ -338,7 +334,8 @@ class CoffeeActivities:
         except (BrewMachineJammed, PaymentRefused) as err:
             raise expected_failure(err) from None
         except asyncio.CancelledError:
-            if (why := activity.cancellation_details()) and (why.reset or why.not_found):  # its run is gone
+            # Its run was reset or has ended, so no workflow waits for it: one line in the log, with no stack.
+            if (why := activity.cancellation_details()) and (why.reset or why.not_found):
                 stopped = "Brew stopped: its workflow run was reset or has ended"
                 raise ApplicationError(stopped, category=ApplicationErrorCategory.BENIGN) from None
             raise
@@ -547,14 +544,14 @@ OnChange = Callable[[OrderState, list[str]], None]  # gets the state and the eve
 
 async def start_order(client: Client, order: OrderRequest, task_queue: str = TASK_QUEUE) -> OrderHandle:
     """Place the order, or find it if placed before: one order id, one order, charged once."""
-    with contextlib.suppress(WorkflowAlreadyStartedError):  # it has finished: its result stands
+    with contextlib.suppress(WorkflowAlreadyStartedError):  # raised for an order that has finished: its result stands
         await client.start_workflow(
             OrderCoffeeWorkflow.run,
             order,
             id=order.workflow_id,
             task_queue=task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,  # running: this is that order
-            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,  # finished: never started again
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,  # while the order runs, a start joins it
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,  # once it has finished, a start is refused
             memo={"order": order},  # so that any client can tell what was ordered
         )
     # A handle by id alone follows the order's latest run, so a reset's new run too.
@@ -580,19 +577,17 @@ async def wait_for_order(
         while True:
             try:
                 result = await handle.result()
-                break
-            except WorkflowFailureError as err:
-                latest = await handle.describe()
+            except WorkflowFailureError:
+                latest = await handle.describe()  # of the order's latest run
                 if latest.status == WorkflowExecutionStatus.RUNNING:
                     continue  # A reset ended that run and began another: follow the new one.
-                if not isinstance(err.cause, CancelledError):
+                if latest.status != WorkflowExecutionStatus.CANCELED:
                     raise  # It failed; or Temporal terminated it or timed it out, without its compensation.
-                # Temporal's own cancel leaves no result: the workflow put it in its memo.
+                # Canceled through Temporal, it returned no result: the workflow put it in its memo.
                 result = await latest.memo_value("result", type_hint=OrderResult)
-                break
-        if follower:
-            await follower  # It stops by itself once it has seen the order end.
-        return result
+            if follower:
+                await follower  # It stops by itself once it has seen the order end.
+            return result
     finally:
         for task in filter(None, (follower, canceller)):
             task.cancel()
