@@ -108,17 +108,24 @@ class OrderState(OrderResult):
 
 
 class Payment(BaseModel):
-    """What each money step is given: the order, the key the provider knows it by, and what has been charged."""
+    """What each money step is given. The payment provider keeps one record per idempotency key, and moves it one
+    way only: charged, then refunded; or voided, by a refund that came before any charge. A call made again returns
+    its first outcome and moves no money; a charge under a refunded or voided key, or of another amount, is refused."""
 
     order: OrderRequest
     idempotency_key: str  # the order's workflow id, so that every run of the order, from any client, shares it
-    amount_cents: int = 0  # 0 until the charge returns the price
+    amount_cents: int = 0  # what the workflow has seen charged: 0 until the charge returns
+
+
+class PaymentRefused(Exception):
+    """The provider's final no. Its arguments: the message, then what the key holds, by OrderResult's field names:
+    {"charged": bool, "refunded": bool, "amount_cents": int}."""
 
 
 # --- The workflow: the order's durable story, replayed on any worker ---
 # Each step gets 5 attempts, waiting 1 s before the second and twice as long before each next one.
 STEP_RETRY_POLICY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_attempts=5)
-# A refund must land, so it never gives up; from 1 s, its waits double up to one a minute.
+# A refund must land: no attempt limit (the default). Its waits start at 1 s and double (the defaults), to 1 minute.
 REFUND_RETRY_POLICY = RetryPolicy(maximum_interval=timedelta(minutes=1))
 STEP_TIMEOUT = timedelta(seconds=10)  # for each attempt
 BREW_TIMEOUT = timedelta(minutes=2)
@@ -127,7 +134,9 @@ BREW_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 
 
 def read_order(inputs: tuple[object, ...]) -> OrderRequest:
-    """The workflow's input, checked: anything but one order fails the order at once, saying why."""
+    """The workflow's input, checked. Any client may send anything, so the workflow takes its input as it comes
+    (*inputs), and this fails the order at once, saying why, unless it is one order. With a type hint instead, the SDK
+    would decode the input first, and a bad one would fail the workflow task: retried, without end."""
     try:
         if len(inputs) != 1:
             raise ValueError(f"it got {len(inputs)} inputs")
@@ -142,9 +151,6 @@ def read_order(inputs: tuple[object, ...]) -> OrderRequest:
 class OrderCoffeeWorkflow:
     """Charge, brew, send the receipt; refund the charge if the coffee is not made."""
 
-    # Any client may send anything, so the input comes as it is (*inputs) and read_order checks it: a bad one fails
-    # the order at once, saying why. With a type hint, the SDK would decode it first, and a bad one would fail the
-    # workflow task instead, retried without end. run takes the same input, as the SDK asks, and leaves it unused.
     @workflow.init  # so that __init__ has the input before any signal or query arrives
     def __init__(self, *inputs: object) -> None:
         self._order = read_order(inputs)
@@ -154,23 +160,46 @@ class OrderCoffeeWorkflow:
         self._refund_owed = False
         self._brew: workflow.ActivityHandle[int] | None = None
 
+    # There are two ways to cancel an order. This signal is the shop's own: the order ends CANCELLED, and returns its
+    # result like any order. Temporal's cancel (from its CLI, web UI or handle.cancel()) ends the workflow Canceled.
+    # Either way, the step under way or the next one raises asyncio.CancelledError, and run refunds what was charged.
+    @workflow.signal
+    def cancel_order(self) -> None:
+        if self._state.cancel_requested:
+            return
+        if self._state.status not in ("RECEIVED", "CHARGING", "BREWING"):
+            self._note(f"Cancel request declined: the order is already {self._state.status}")
+            return
+        self._state.cancel_requested = True  # The next step will not start.
+        self._note("Cancel requested")
+        if self._brew is not None:
+            self._brew.cancel()  # The brew hears of it in the reply to its next heartbeat.
+
+    def _stop_if_cancelled(self) -> None:
+        """Before each step: a cancel that came since the last one ends the order here."""
+        if self._state.cancel_requested or workflow.cancellation_reason() is not None:
+            raise asyncio.CancelledError("Order cancelled before this step")
+
+    @workflow.query
+    def get_status(self) -> OrderState:
+        return self._state
+
     @workflow.run
-    async def run(self, *inputs: object) -> OrderResult:
+    async def run(self, *inputs: object) -> OrderResult:  # the input again, as the SDK asks: __init__ has read it
         try:
             await self._charge()
             await self._brew_coffee()
         # Every way an order ends without coffee comes here: a step failed for good (ActivityError), or the order was
-        # cancelled (asyncio.CancelledError), by the cancel_order signal or by Temporal. Any other exception is a bug:
-        # it fails the workflow task (this turn of the workflow's code), which Temporal retries until a fix is deployed.
+        # cancelled (asyncio.CancelledError). Any other exception is a bug: it fails the workflow task (this turn of
+        # the workflow's code), which Temporal retries until a fixed worker carries the order on.
         except (ActivityError, asyncio.CancelledError) as err:
             if self._refund_owed:
                 await self._refund()
-            # Temporal's own cancel (from the CLI, the web UI or handle.cancel()), with its reason, maybe "".
-            if (reason := workflow.cancellation_reason()) is not None:
+            if (reason := workflow.cancellation_reason()) is not None:  # Temporal's cancel; its reason may be ""
                 self._state.cancel_requested = True
                 self._note(f"Cancel requested through Temporal: {reason or 'no reason given'}")
                 self._move("CANCELLED")
-                # The workflow ends Canceled, which returns no result: it goes in the memo, for clients to read.
+                # A Canceled workflow returns no result, so it goes in the memo, which any client can read.
                 workflow.upsert_memo({"result": self._state.result()})
                 raise asyncio.CancelledError("Order cancelled") from None
             if not self._state.cancel_requested:
@@ -179,29 +208,11 @@ class OrderCoffeeWorkflow:
         await self._send_receipt()  # The coffee is made and paid for: from here on, nothing is undone.
         return self._end("COMPLETED")
 
-    # The shop's own cancel. Temporal's cancel takes the same way out, but ends the workflow Canceled, with no result;
-    # this one ends the order CANCELLED and returns its result, as any order does.
-    @workflow.signal
-    def cancel_order(self) -> None:
-        if self._state.cancel_requested:
-            return
-        if self._state.status not in ("RECEIVED", "CHARGING", "BREWING"):
-            self._note(f"Cancel request declined: the order is already {self._state.status}")
-            return
-        self._state.cancel_requested = True  # The next step will not start (_stop_if_cancelled).
-        self._note("Cancel requested")
-        if self._brew is not None:
-            self._brew.cancel()  # The brew hears of it in the reply to its next heartbeat.
-
-    @workflow.query
-    def get_status(self) -> OrderState:
-        return self._state
-
     async def _charge(self) -> None:
         self._stop_if_cancelled()
         self._move("CHARGING")
-        # Owed from the moment the charge starts, as an attempt that timed out may still land. The refund gives back
-        # what the key's charge took; if none has landed yet, the provider marks the key void, and refuses any later.
+        # Owed from the moment the charge starts, as an attempt that timed out may still land. If none has landed by
+        # the time of the refund, the refund voids the key, so that a charge landing later is refused.
         self._refund_owed = True
         try:
             self._state.amount_cents = await workflow.execute_activity_method(
@@ -215,8 +226,7 @@ class OrderCoffeeWorkflow:
         except ActivityError as err:
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
                 self._refund_owed = False  # This charge took nothing: nothing to give back.
-                # Its details: what the provider holds under the key: {"charged", "refunded", "amount_cents"}.
-                self._record(**err.cause.details[0])
+                self._record(**err.cause.details[0])  # What the key holds, as the refusal says.
             raise
         self._state.charged = True
         self._note(f"Charged {self._state.amount_cents} cents")
@@ -264,22 +274,18 @@ class OrderCoffeeWorkflow:
             start_to_close_timeout=STEP_TIMEOUT,
             retry_policy=REFUND_RETRY_POLICY,
         )
+        # The provider's word on what the key's charge took, even from an attempt whose result the workflow never saw.
         refunded = await self._despite_cancel(refund)
-        if refunded:  # The provider's word: a late attempt may have charged what the workflow never saw.
+        if refunded:
             self._record(charged=True, refunded=True, amount_cents=refunded)
         self._note(f"Refunded {refunded} cents")
 
-    def _stop_if_cancelled(self) -> None:
-        """Before a step: a cancel that came since the last one ends the order here, as one during a step would."""
-        if self._state.cancel_requested or workflow.cancellation_reason() is not None:
-            raise asyncio.CancelledError("Order cancelled before this step")
-
     async def _despite_cancel(self, step: workflow.ActivityHandle[Any]) -> Any:
-        """Wait for a step that Temporal's cancel must not stop: a refund, or the receipt for coffee made."""
+        """Wait for a step that must finish even if Temporal's cancel comes now: a refund, or the receipt."""
         try:
-            return await asyncio.shield(step)  # The shield takes the cancel: it ends this wait, not the step.
+            return await asyncio.shield(step)  # Temporal's cancel ends this wait, but not the shielded step,
         except asyncio.CancelledError:
-            return await step  # A workflow may carry on after Temporal's cancel: wait for the step again.
+            return await step  # which runs on: wait for it again. (Workflow code may run on after a cancel.)
 
     def _payment(self) -> Payment:
         return Payment(
@@ -388,16 +394,9 @@ class StandardPricingStrategy:
         return self.BASE_CENTS[size] + self.SURCHARGE_CENTS[drink]
 
 
-class PaymentRefused(Exception):
-    """The provider will not take this payment, and asking again will not change its mind. Its arguments: the
-    message, then the money the provider holds under the key, by OrderResult's names."""
-
-
 class PaymentService:
-    """A pretend payment provider. Like a real one, it keeps one record per idempotency key, and a record only moves
-    forward: charged, then refunded; or voided, by a refund that found no charge. A call repeated moves no money and
-    returns the first outcome. A charge under a refunded or voided key, or of another amount, is refused. Records
-    live in SQLite, in a file that workers can share, so they outlive any one worker."""
+    """A pretend payment provider, keeping its records as Payment says a provider does, in SQLite: in a file that
+    workers can share, so that the records outlive any one worker."""
 
     def __init__(self, database: str) -> None:
         self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None, timeout=30)
@@ -531,6 +530,10 @@ async def run_worker(client: Client, services: ServiceFactory) -> None:
 
 
 # --- The client: place an order, follow it, cancel it ---
+class CommandError(Exception):
+    """A problem the user can fix: the command line prints it, with no traceback, and exits 1."""
+
+
 async def connect() -> Client:
     """Connect as Temporal's environment configuration says: address, namespace, TLS, API key."""
     config = ClientConfig.load_client_connect_config()
@@ -741,10 +744,6 @@ def web_ui_url(target_host: str, namespace: str) -> str:
 
 
 # --- The command line: its flags, its one-line errors, Ctrl-C. Skip it at first ---
-class CommandError(Exception):
-    """A problem the user can fix: the command line prints it, with no traceback, and exits 1."""
-
-
 class ServerUnreachable(CommandError):
     def __init__(self, address: str) -> None:
         self.address, (coffee, temporal) = address, how_to_run()
