@@ -153,7 +153,9 @@ def read_order(inputs: tuple[object, ...]) -> OrderRequest:
 class OrderCoffeeWorkflow:
     """Charge, brew, send the receipt; refund the charge if the coffee is not made."""
 
-    @workflow.init  # so that __init__ has the input before any signal or query arrives
+    # The input comes as it was sent (*inputs), for read_order, above, to check. workflow.init hands it to __init__,
+    # so that the state exists before any signal or query arrives; run gets it too, as the SDK asks, and ignores it.
+    @workflow.init
     def __init__(self, *inputs: object) -> None:
         self._order = read_order(inputs)
         self._state = OrderState(order_id=self._order.order_id, timeline=["RECEIVED"], updated_at=workflow.now())
@@ -178,7 +180,8 @@ class OrderCoffeeWorkflow:
             self._brew.cancel()  # The brew hears of it in the reply to its next heartbeat.
 
     def _stop_if_cancelled(self) -> None:
-        """Before each step: a cancel that came since the last one ends the order here."""
+        """Before each step: a cancel that came since the last one raises asyncio.CancelledError here, as Temporal's
+        cancel does during a step, so that run ends every cancelled order the same way."""
         if self._state.cancel_requested or workflow.cancellation_reason() is not None:
             raise asyncio.CancelledError("Order cancelled before this step")
 
@@ -187,7 +190,7 @@ class OrderCoffeeWorkflow:
         return self._state
 
     @workflow.run
-    async def run(self, *inputs: object) -> OrderResult:  # the input again, as the SDK asks: __init__ has read it
+    async def run(self, *inputs: object) -> OrderResult:
         try:
             await self._charge()
             await self._brew_coffee()
@@ -197,16 +200,18 @@ class OrderCoffeeWorkflow:
         except (ActivityError, asyncio.CancelledError) as err:
             if self._refund_owed:
                 await self._refund()
-            if (reason := workflow.cancellation_reason()) is not None:  # Temporal's cancel; its reason may be ""
+            # Cancelled through Temporal: the workflow ends Canceled, which returns no result, so the result goes in
+            # the memo, which any client can read. (The reason may be "".)
+            if (reason := workflow.cancellation_reason()) is not None:
                 self._state.cancel_requested = True
                 self._note(f"Cancel requested through Temporal: {reason or 'no reason given'}")
                 self._move("CANCELLED")
-                # A Canceled workflow returns no result, so it goes in the memo, which any client can read.
                 workflow.upsert_memo({"result": self._state.result()})
                 raise asyncio.CancelledError("Order cancelled") from None
-            if not self._state.cancel_requested:
-                self._state.last_error = error_text(err)
-            return self._end("CANCELLED" if self._state.cancel_requested else "FAILED")
+            if self._state.cancel_requested:  # cancelled by the cancel_order signal
+                return self._end("CANCELLED")
+            self._state.last_error = error_text(err)  # a step failed for good
+            return self._end("FAILED")
         await self._send_receipt()  # The coffee is made and paid for: from here on, nothing is undone.
         return self._end("COMPLETED")
 
@@ -250,8 +255,8 @@ class OrderCoffeeWorkflow:
         self._note(f"Brewed {self._order.drink} ({self._order.size}) on attempt {self._state.brew_attempts}")
 
     async def _send_receipt(self) -> None:
-        # A step added while orders are running must be guarded, so that their histories still replay:
-        #     if workflow.patched("thank-you-note"): await workflow.execute_activity_method(...)
+        # Were a step added here while orders run (say, a thank-you note), it would go behind workflow.patched, so
+        # that their histories still replay:  if workflow.patched("thank-you-note"): await ...
         self._move("SENDING_RECEIPT")
         receipt = workflow.start_activity_method(  # a handle, for _despite_cancel to shield
             CoffeeActivities.send_receipt,
@@ -265,7 +270,7 @@ class OrderCoffeeWorkflow:
             self._note("Receipt sent")
         except ActivityError as err:
             self._state.last_error = error_text(err)  # A lost receipt does not undo the coffee.
-        if workflow.cancellation_reason() is not None:
+        if workflow.cancellation_reason() is not None:  # Temporal's cancel came during the receipt: too late.
             self._note("Cancel request declined: the coffee was already brewed")
 
     async def _refund(self) -> None:
@@ -276,8 +281,8 @@ class OrderCoffeeWorkflow:
             start_to_close_timeout=STEP_TIMEOUT,
             retry_policy=REFUND_RETRY_POLICY,
         )
-        refunded = await self._despite_cancel(refund)  # all that the key's charge took, seen by the workflow or not
-        if refunded:
+        refunded = await self._despite_cancel(refund)
+        if refunded:  # It can be more than the workflow saw charged: an attempt that timed out may have landed.
             self._record(charged=True, refunded=True, amount_cents=refunded)
         self._note(f"Refunded {refunded} cents")
 
@@ -335,7 +340,8 @@ class CoffeeActivities:
     async def brew_coffee(self, payment: Payment) -> int:
         """Brews, and returns the attempt that succeeded. Heartbeats are how a cancel reaches it."""
         try:
-            # Brew only what is paid for: a reset can replay a charge that has been refunded since.
+            # Brew only what is paid for. After a reset, the charge's result can come from the history, though the
+            # charge has been refunded since.
             self._services.payment.check(payment.idempotency_key, payment.amount_cents)
             await self._services.brewing.brew(payment.order, heartbeat=activity.heartbeat)
         except (BrewMachineJammed, PaymentRefused) as err:
