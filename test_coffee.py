@@ -1347,8 +1347,10 @@ async def test_the_same_order_placed_twice_is_one_order_charged_once(dev_server:
         results = [await first, await again]
         after_it_finished = await run_cli(*latte_args(order_id), server=server)
     for code, out, err in [*results, after_it_finished]:
-        assert (code, err) == (0, "")
+        # The two that waited for the worker may have said so, on a machine slow to start it; nothing else.
+        assert code == 0 and all(line.startswith("Waiting for a worker") for line in err.splitlines()), err
         assert OrderResult.model_validate_json(out) == completed_latte(order_id)
+    assert after_it_finished[2] == ""
     assert ledger(factory) == [("charge", 525)]
     code, out, err = refused
     assert (code, out) == (1, "")
