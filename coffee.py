@@ -20,9 +20,10 @@ How Temporal runs it:
   An operator can also reset an order: Temporal ends its run and starts a new one, which replays the history up
   to a chosen event and runs on from there.
 
-Read it top to bottom. To copy into a project: the models, OrderCoffeeWorkflow (charge, brew, send a receipt;
-refund if the coffee is not made), the activities, new_worker, connect and start_order. The rest only runs this
-example: the pretend services, the client's waiting, the demo and, last, the command line.
+Read it top to bottom. To copy into a project: the models (PaymentRefused too), the retry policies and timeouts,
+read_order and OrderCoffeeWorkflow (charge, brew, send a receipt; refund if the coffee is not made), the activities
+with expected_failure, new_worker, connect and start_order. The rest only runs this example: the pretend services
+behind the activities, the client's waiting, the demo and, last, the command line.
 """
 
 import argparse
@@ -115,7 +116,7 @@ class Payment(BaseModel):
 
     order: OrderRequest
     idempotency_key: str  # the order's workflow id, so that every run of the order, from any client, shares it
-    amount_cents: int = 0  # what the workflow has seen charged: 0 until the charge returns
+    amount_cents: int = 0  # what the workflow has seen charged: 0 into the charge, whose activity sets the price
 
 
 class PaymentRefused(Exception):
@@ -289,9 +290,9 @@ class OrderCoffeeWorkflow:
     async def _despite_cancel(self, step: workflow.ActivityHandle[Any]) -> Any:
         """Wait for a step that must finish even if Temporal's cancel comes now: a refund, or the receipt."""
         try:
-            return await asyncio.shield(step)  # On Temporal's cancel, the shield stops this wait, not the step.
+            return await asyncio.shield(step)  # Temporal's cancel cancels this wait, not the shielded step,
         except asyncio.CancelledError:
-            return await step  # Workflow code may carry on after a cancel: wait for the step to finish.
+            return await step  # which runs on. Workflow code may carry on after a cancel: wait for the step again.
 
     def _payment(self) -> Payment:
         return Payment(
