@@ -219,8 +219,8 @@ class OrderCoffeeWorkflow:
     async def _charge(self) -> None:
         self._stop_if_cancelled()
         self._move("CHARGING")
-        # Owed from the moment the charge starts, as an attempt that timed out may still land. (If none has landed by
-        # the time of the refund, the refund makes the key void: see Payment.)
+        # Owed from the moment the charge starts, as an attempt that timed out may still land. If none has landed by
+        # the time of the refund, the refund voids the key, and the provider refuses any charge that lands later.
         self._refund_owed = True
         try:
             self._state.amount_cents = await workflow.execute_activity_method(
@@ -234,7 +234,8 @@ class OrderCoffeeWorkflow:
         except ActivityError as err:
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
                 self._refund_owed = False  # This charge took nothing: nothing to give back.
-                self._record(**err.cause.details[0])  # The refusal's one detail: what the key holds.
+                # Its one detail is what the key holds: {"charged": ..., "refunded": ..., "amount_cents": ...}.
+                self._record(**err.cause.details[0])
             raise
         self._state.charged = True
         self._note(f"Charged {self._state.amount_cents} cents")
@@ -288,11 +289,12 @@ class OrderCoffeeWorkflow:
         self._note(f"Refunded {refunded} cents")
 
     async def _despite_cancel(self, step: workflow.ActivityHandle[Any]) -> Any:
-        """Wait for a step that must finish even if Temporal's cancel comes now: a refund, or the receipt."""
+        """Wait for a step that must finish even if Temporal's cancel comes now: a refund, or the receipt. The shield
+        lets the cancel reach this wait but not the step, which runs on; workflow code may carry on after a cancel."""
         try:
-            return await asyncio.shield(step)  # Temporal's cancel cancels this wait, not the shielded step,
+            return await asyncio.shield(step)
         except asyncio.CancelledError:
-            return await step  # which runs on. Workflow code may carry on after a cancel: wait for the step again.
+            return await step  # The cancel ended the first wait: wait again, for the step's own result.
 
     def _payment(self) -> Payment:
         return Payment(
