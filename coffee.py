@@ -183,6 +183,7 @@ class OrderCoffeeWorkflow:
     def _stop_if_cancelled(self) -> None:
         """Before each step: a cancel that came since the last one raises asyncio.CancelledError here, as Temporal's
         cancel does during a step, so that run ends every cancelled order the same way."""
+        # workflow.cancellation_reason() is None until Temporal's cancel is requested.
         if self._state.cancel_requested or workflow.cancellation_reason() is not None:
             raise asyncio.CancelledError("Order cancelled before this step")
 
@@ -202,7 +203,7 @@ class OrderCoffeeWorkflow:
             if self._refund_owed:
                 await self._refund()
             # Cancelled through Temporal: the workflow ends Canceled, which returns no result, so the result goes in
-            # the memo, which any client can read. (The reason may be "".)
+            # the memo: values that Temporal keeps with the workflow, for any client to read. (The reason may be "".)
             if (reason := workflow.cancellation_reason()) is not None:
                 self._state.cancel_requested = True
                 self._note(f"Cancel requested through Temporal: {reason or 'no reason given'}")
@@ -289,8 +290,9 @@ class OrderCoffeeWorkflow:
         self._note(f"Refunded {refunded} cents")
 
     async def _despite_cancel(self, step: workflow.ActivityHandle[Any]) -> Any:
-        """Wait for a step that must finish even if Temporal's cancel comes now: a refund, or the receipt. The shield
-        lets the cancel reach this wait but not the step, which runs on; workflow code may carry on after a cancel."""
+        """Wait for a step that must finish even if Temporal's cancel comes now: the receipt, or a refund (an order
+        that failed, or was cancelled by the signal, can still be cancelled through Temporal while it refunds).
+        The shield lets the cancel reach this wait but not the step, which runs on; workflow code may carry on."""
         try:
             return await asyncio.shield(step)
         except asyncio.CancelledError:
@@ -660,7 +662,9 @@ async def run_demo() -> None:
         async def serve(order: OrderRequest, story: str, **options: Any) -> OrderHandle:
             print(f"\n{story}\n   {ui}/{order.workflow_id}")
             handle = await start_order(client, order, task_queue)
-            if order == handed_over:  # Worker 1 stops 1 s into the brew; stopping, it fails the brew, to be retried.
+            # Worker 1 stops 1 s into the brew. With no grace time (new_worker's default), it fails the brew as it
+            # stops, and the server retries it on the next worker.
+            if order == handed_over:
                 async with new_worker(client, services, task_queue):
                     await brewing.wait()
                     await asyncio.sleep(1)
