@@ -251,6 +251,7 @@ class OrderCoffeeWorkflow:
             start_to_close_timeout=BREW_TIMEOUT,
             heartbeat_timeout=BREW_HEARTBEAT_TIMEOUT,
             retry_policy=STEP_RETRY_POLICY,
+            # On a cancel, wait until the brew has really stopped, so that no coffee is made after the refund.
             cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
         self._state.brew_attempts = await self._brew
