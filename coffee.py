@@ -84,7 +84,7 @@ class OrderRequest(BaseModel):
 
 
 class OrderResult(BaseModel):
-    """What the workflow returns, and what `coffee.py order` prints. The money fields say what the provider holds."""
+    """What the workflow returns, and what `coffee.py order` prints. Its money fields agree with the provider's."""
 
     order_id: str
     status: OrderStatus = "RECEIVED"
@@ -116,7 +116,7 @@ class Payment(BaseModel):
 
     order: OrderRequest
     idempotency_key: str  # the order's workflow id, so that every run of the order, from any client, shares it
-    amount_cents: int = 0  # what the workflow has seen charged: 0 into the charge, whose activity sets the price
+    amount_cents: int = 0  # what the workflow has seen charged: 0 until the charge, whose activity prices the order
 
 
 class PaymentRefused(Exception):
@@ -368,7 +368,8 @@ class CoffeeActivities:
     async def refund_customer(self, payment: Payment) -> int:
         order_id, charged = payment.order.order_id, payment.amount_cents
         refunded = await asyncio.to_thread(self._services.payment.refund, order_id, payment.idempotency_key)
-        # Less than the workflow saw charged: a real provider's partial refund, or a bug. Never settle: say so, retry.
+        # Less than the workflow saw charged: a real provider's partial refund, or a bug. Never settle: log an ERROR
+        # for a person to see, and fail the attempt, so that the refund policy retries it, without end.
         if refunded < charged:
             message = f"Refunded {refunded} of the {charged} cents charged for order {order_id}"
             logging.getLogger("coffee.payment").error("%s; will retry", message)
@@ -674,7 +675,7 @@ async def run_demo() -> None:
                     result = await wait_for_order(handle)
             else:
                 result = await wait_for_order(handle, **options)
-            money = [f"{kind} {cents}" for kind, id, cents in services.payment.ledger if id == order.order_id]
+            money = [f"{kind} {cents}" for kind, oid, cents in services.payment.ledger if oid == order.order_id]
             print(f"   result: {result.model_dump_json()}\n   payment ledger: {', '.join(money)}")
             return handle
 
