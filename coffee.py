@@ -433,12 +433,12 @@ class PaymentService:
 
     def refund(self, order_id: str, key: str) -> int:
         """Gives back what the key's charge took, once. With no charge, voids the key: a later charge is refused."""
-        new = self._write("INSERT OR IGNORE INTO payments VALUES (?, ?, 0, 'voided')", key, order_id)
+        voided = self._write("INSERT OR IGNORE INTO payments VALUES (?, ?, 0, 'voided')", key, order_id)
         refunded = self._write("UPDATE payments SET state = 'refunded' WHERE key = ? AND state = 'charged'", key)
         state, amount = self._read(key)
         if refunded:
             self._log.info("Refunded %d cents for order %s", amount, order_id)
-        elif new:
+        elif voided:
             self._log.info("Voided the payment for order %s, which had no charge: none can land now", order_id)
         return amount if state == "refunded" else 0
 
@@ -814,7 +814,6 @@ def checked(rule: Any, hint: str) -> Callable[[str], Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-
     server = "The server comes from Temporal's environment configuration: TEMPORAL_ADDRESS (else localhost:7233), "
     server += "TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, or a profile in its config file chosen with TEMPORAL_PROFILE."
     parser = argparse.ArgumentParser(
