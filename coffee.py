@@ -20,10 +20,10 @@ How Temporal runs it:
   An operator can also reset an order: Temporal ends its run and starts a new one, which replays the history up
   to a chosen event and runs on from there.
 
-Read it top to bottom. To copy into a project: the models (PaymentRefused too), the retry policies and timeouts,
-read_order and OrderCoffeeWorkflow (charge, brew, send a receipt; refund if the coffee is not made), the activities
-with expected_failure, new_worker, connect and start_order. The rest only runs this example: the pretend services
-behind the activities, the client's waiting, the demo and, last, the command line.
+Read it top to bottom. The part to copy into a project: the models, the workflow and the activities. The part that
+runs it: the services, the worker and the client, sections to copy whole as a start (with your own services in place
+of the pretend ones: the same names and methods, and a payment provider that keeps Payment's rules); then the demo
+and, last, the command line, which only run this example.
 """
 
 import argparse
@@ -109,10 +109,12 @@ class OrderState(OrderResult):
 
 
 class Payment(BaseModel):
-    """What each money step is given. The payment provider keeps one record per idempotency key: a charge marks it
-    charged, and a refund then refunded. A refund that comes before any charge marks it void instead, so that a
-    charge landing later is refused. A call made again returns its first outcome and moves no money; a charge under
-    a refunded or void key, or of another amount, is refused."""
+    """What each money step is given. The payment provider keeps one record per idempotency key:
+    - a charge marks the key charged, and a refund then marks it refunded;
+    - a refund that comes before any charge marks the key void, so that a charge landing later is refused
+      (a charge attempt that timed out can still land);
+    - a call made again returns its first outcome, and moves no money;
+    - a charge under a refunded or void key, or of another amount, is refused: PaymentRefused."""
 
     order: OrderRequest
     idempotency_key: str  # the order's workflow id, so that every run of the order, from any client, shares it
@@ -122,7 +124,7 @@ class Payment(BaseModel):
 class PaymentRefused(Exception):
     """The provider's final no: PaymentRefused(message, held), where held is what the key holds, by OrderResult's
     field names: {"charged": bool, "refunded": bool, "amount_cents": int}. The activity passes it on to the workflow
-    as an ApplicationError, whose message is the message, and whose details are [held]."""
+    as an ApplicationError of type "PaymentRefused", whose message is the message, and whose details are [held]."""
 
 
 # --- The workflow: the order's durable story, replayed on any worker ---
@@ -182,7 +184,7 @@ class OrderCoffeeWorkflow:
 
     def _stop_if_cancelled(self) -> None:
         """Before each step: a cancel that came since the last one raises asyncio.CancelledError here, as Temporal's
-        cancel does during a step, so that run ends every cancelled order the same way."""
+        cancel does during a step, so that every cancel reaches the one except in run, which tells the two apart."""
         # workflow.cancellation_reason() is None until Temporal's cancel is requested.
         if self._state.cancel_requested or workflow.cancellation_reason() is not None:
             raise asyncio.CancelledError("Order cancelled before this step")
@@ -234,8 +236,9 @@ class OrderCoffeeWorkflow:
             )
         except ActivityError as err:
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
-                self._refund_owed = False  # This charge took nothing: nothing to give back.
-                # Its one detail is what the key holds: {"charged": ..., "refunded": ..., "amount_cents": ...}.
+                # This run took nothing, so it owes no refund; whatever the key holds is an earlier run's, and stands.
+                # The result says what the key holds, the refusal's one detail: {"charged", "refunded", "amount_cents"}.
+                self._refund_owed = False
                 self._record(**err.cause.details[0])
             raise
         self._state.charged = True
@@ -269,7 +272,8 @@ class OrderCoffeeWorkflow:
             retry_policy=STEP_RETRY_POLICY,
         )
         try:
-            await self._despite_cancel(receipt)  # Made and paid for: too late to cancel.
+            # Made and paid for: Temporal's cancel, if it comes now, stops neither this wait nor the receipt.
+            await self._despite_cancel(receipt)
             self._state.receipt_sent = True
             self._note("Receipt sent")
         except ActivityError as err:
@@ -293,11 +297,12 @@ class OrderCoffeeWorkflow:
     async def _despite_cancel(self, step: workflow.ActivityHandle[Any]) -> Any:
         """Wait for a step that must finish even if Temporal's cancel comes now: the receipt, or a refund (an order
         that failed, or was cancelled by the signal, can still be cancelled through Temporal while it refunds).
-        The shield lets the cancel reach this wait but not the step, which runs on; workflow code may carry on."""
+        asyncio.shield keeps the cancel from the step: it ends only this wait, and the step runs on."""
         try:
             return await asyncio.shield(step)
         except asyncio.CancelledError:
-            return await step  # The cancel ended the first wait: wait again, for the step's own result.
+            # Temporal delivers its cancel once, so this second wait runs to the step's result.
+            return await step
 
     def _payment(self) -> Payment:
         return Payment(
@@ -346,8 +351,8 @@ class CoffeeActivities:
     async def brew_coffee(self, payment: Payment) -> int:
         """Brews, and returns the attempt that succeeded. Heartbeats are how a cancel reaches it."""
         try:
-            # Brew only what is paid for. After a reset, the charge's result can come from the history, though the
-            # charge has been refunded since.
+            # Brew only what is paid for. A reset to before the brew replays the charge's result from the history,
+            # though the run that was reset may have refunded that charge since.
             self._services.payment.check(payment.idempotency_key, payment.amount_cents)
             await self._services.brewing.brew(payment.order, heartbeat=activity.heartbeat)
         except (BrewMachineJammed, PaymentRefused) as err:
@@ -385,6 +390,7 @@ def expected_failure(err: Exception) -> ApplicationError:
     A refused payment stays refused: non_retryable fails the step at once, without retries."""
     refused = isinstance(err, PaymentRefused)
     category = ApplicationErrorCategory.BENIGN
+    # err.args: the message, then any details (PaymentRefused's held).
     return ApplicationError(*err.args, type=type(err).__name__, non_retryable=refused, category=category)
 
 
@@ -521,7 +527,8 @@ class ServiceFactory:
 
 # --- The worker: asks the task queue for work, and runs workflow tasks and activities ---
 def new_worker(client: Client, services: ServiceFactory, task_queue: str = TASK_QUEUE, grace: float = 0) -> Worker:
-    # A bad input fails the order in __init__ (read_order), before the SDK awaits run: Python would warn of that.
+    # The SDK makes run's coroutine before it calls __init__. When read_order fails a bad input there, run never
+    # starts, and Python would warn that its coroutine was never awaited.
     warnings.filterwarnings("ignore", "coroutine '_WorkflowInstanceImpl.*' was never awaited", RuntimeWarning)
     return Worker(
         client,
@@ -642,7 +649,7 @@ async def run_demo() -> None:
     mocha = OrderRequest(order_id=f"mocha-{suffix}", drink="mocha", size="L")
     espresso = OrderRequest(order_id=f"espresso-{suffix}", drink="espresso", size="S")
     handed_over = OrderRequest(order_id=f"handover-{suffix}", drink="latte", size="M")
-    brewing = asyncio.Event()  # order 4 loses its worker 1 s after this is set
+    brewing = asyncio.Event()  # set by every brew, cleared before order 4, which loses its worker 1 s after it
 
     class DemoBrewService(BrewService):
         async def brew(self, order: OrderRequest, heartbeat: Callable[[], None]) -> None:
@@ -714,6 +721,7 @@ def print_history(history: WorkflowHistory) -> None:
         details = getattr(event, event.WhichOneof("attributes") or "")
         if kind == "ActivityTaskScheduled":
             steps[event.event_id] = details.activity_type.name
+        # An activity's later events point back at its Scheduled event, which named the activity.
         what = [steps.get(getattr(details, "scheduled_event_id", event.event_id), "")]
         if kind == "ActivityTaskStarted":
             failure = details.last_failure.message
@@ -728,9 +736,9 @@ async def demo_client() -> AsyncIterator[Client]:
     next_steps = f"  {coffee} worker\n  {coffee} order --order-id 1 --drink latte --size M"
     try:
         client = await connect_or_explain()
-    except ServerUnreachable as err:
+    except ServerUnreachable as err:  # Then start one, below.
         print(f"No Temporal server answered at {err.address}, so the demo starts one for as long as it runs.")
-    else:
+    else:  # One answered: use it, and that is all.
         print(f"Using the Temporal server at {client.service_client.config.target_host}.")
         yield client
         print(f"\nNext, run the parts yourself, each in a terminal of its own:\n{next_steps}")

@@ -1761,8 +1761,11 @@ async def test_a_stopped_demo_takes_its_server_with_it(stop_signal: int) -> None
     assert process.returncode == 130
     assert out.decode().splitlines()[-1] == "Demo stopped."
     assert b"Traceback" not in out + log
-    # The brew stops at once: the demo does not wait for it, as a worker on SIGTERM would.
-    assert b"Brew stopped for order latte-" in log and b"Brew complete" not in log
+    # The brew stops at once: the demo does not wait for it, as a worker on SIGTERM would. Every brew it started
+    # jammed or was stopped (under load, the stop can land after the first brew jammed and before its retry).
+    assert b"Brew complete" not in log
+    started = 1 + log.count(b"Brewing latte")  # the first brew's line was read above
+    assert log.count(b"Brew stopped for order latte-") == started - log.count(b"jammed for order")
     assert demo_server not in [command for _, command in dev_servers()]
 
 
