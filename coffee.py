@@ -22,8 +22,9 @@ How Temporal runs it:
 
 Read it top to bottom. The part to copy into a project: the models, the workflow and the activities. The part that
 runs it: the services, the worker and the client, sections to copy whole as a start (with your own services in place
-of the pretend ones: the same names and methods, and a payment provider that keeps Payment's rules); then the demo
-and, last, the command line, which only run this example.
+of the pretend ones: the same names and methods, and a payment provider that keeps Payment's rules, check too);
+then the demo and, last, the command line, which only run this example. Ties to keep when copying: read_order and
+new_worker's warnings filter; the workflow's "result" memo and wait_for_order; start_order and CommandError.
 """
 
 import argparse
@@ -114,7 +115,8 @@ class Payment(BaseModel):
     - a refund that comes before any charge marks the key void, so that a charge landing later is refused
       (a charge attempt that timed out can still land);
     - a call made again returns its first outcome, and moves no money;
-    - a charge under a refunded or void key, or of another amount, is refused: PaymentRefused."""
+    - a charge under a refunded or void key, or of another amount, is refused: PaymentRefused;
+    - a brew checks first that the key still holds its charge, and is refused likewise if not."""
 
     order: OrderRequest
     idempotency_key: str  # the order's workflow id, so that every run of the order, from any client, shares it
@@ -141,7 +143,8 @@ BREW_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 def read_order(inputs: tuple[object, ...]) -> OrderRequest:
     """The workflow's input, checked. Any client may send anything, so the workflow takes its input as it comes
     (*inputs), and this fails the order at once, saying why, unless it is one order. With a type hint instead, the SDK
-    would decode the input first, and a bad one would fail the workflow task: retried, without end."""
+    would decode the input first, and a bad one would fail the workflow task: retried, without end. (When __init__
+    fails an order this way, run never starts: the worker, set up below, hides the warning Python gives for that.)"""
     try:
         if len(inputs) != 1:
             raise ValueError(f"it got {len(inputs)} inputs")
@@ -184,7 +187,8 @@ class OrderCoffeeWorkflow:
 
     def _stop_if_cancelled(self) -> None:
         """Before each step: a cancel that came since the last one raises asyncio.CancelledError here, as Temporal's
-        cancel does during a step, so that every cancel reaches the one except in run, which tells the two apart."""
+        cancel does during a step: so both kinds of cancel, the signal's and Temporal's, land in run's except, which
+        tells them apart by workflow.cancellation_reason()."""
         # workflow.cancellation_reason() is None until Temporal's cancel is requested.
         if self._state.cancel_requested or workflow.cancellation_reason() is not None:
             raise asyncio.CancelledError("Order cancelled before this step")
@@ -205,7 +209,7 @@ class OrderCoffeeWorkflow:
             if self._refund_owed:
                 await self._refund()
             # Cancelled through Temporal: the workflow ends Canceled, which returns no result, so the result goes in
-            # the memo: values that Temporal keeps with the workflow, for any client to read. (The reason may be "".)
+            # the memo: values that Temporal keeps with the workflow, for any client (wait_for_order) to read.
             if (reason := workflow.cancellation_reason()) is not None:
                 self._state.cancel_requested = True
                 self._note(f"Cancel requested through Temporal: {reason or 'no reason given'}")
@@ -236,8 +240,9 @@ class OrderCoffeeWorkflow:
             )
         except ActivityError as err:
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
-                # This run took nothing, so it owes no refund; whatever the key holds is an earlier run's, and stands.
-                # The result says what the key holds, the refusal's one detail: {"charged", "refunded", "amount_cents"}.
+                # This run's charge did not go through. Any money under the key, which every run of this order shares,
+                # is an earlier run's (one that was reset, say): not this run's to refund, nor to claim. So it owes no
+                # refund, and its result reports what the key holds: {"charged", "refunded", "amount_cents"}.
                 self._refund_owed = False
                 self._record(**err.cause.details[0])
             raise
@@ -297,11 +302,11 @@ class OrderCoffeeWorkflow:
     async def _despite_cancel(self, step: workflow.ActivityHandle[Any]) -> Any:
         """Wait for a step that must finish even if Temporal's cancel comes now: the receipt, or a refund (an order
         that failed, or was cancelled by the signal, can still be cancelled through Temporal while it refunds).
-        asyncio.shield keeps the cancel from the step: it ends only this wait, and the step runs on."""
+        Temporal raises its cancel in the workflow once, in whatever wait is under way. asyncio.shield keeps it from
+        the step: only this wait ends, with CancelledError, and the step runs on."""
         try:
             return await asyncio.shield(step)
-        except asyncio.CancelledError:
-            # Temporal delivers its cancel once, so this second wait runs to the step's result.
+        except asyncio.CancelledError:  # The one cancel is spent: a second, plain wait gets the step's result.
             return await step
 
     def _payment(self) -> Payment:
@@ -351,8 +356,9 @@ class CoffeeActivities:
     async def brew_coffee(self, payment: Payment) -> int:
         """Brews, and returns the attempt that succeeded. Heartbeats are how a cancel reaches it."""
         try:
-            # Brew only what is paid for. A reset to before the brew replays the charge's result from the history,
-            # though the run that was reset may have refunded that charge since.
+            # Brew only what is paid for. Say a run charged, then refunded, and is reset to before the brew: the new run
+            # replays "charged" from the history, though the money is back. check refuses unless the key still holds
+            # this charge.
             self._services.payment.check(payment.idempotency_key, payment.amount_cents)
             await self._services.brewing.brew(payment.order, heartbeat=activity.heartbeat)
         except (BrewMachineJammed, PaymentRefused) as err:
@@ -461,7 +467,7 @@ class PaymentService:
     def ledger(self) -> list[tuple[str, str, int]]:  # the money moved, as (kind, order_id, amount_cents)
         with self._lock:
             rows = self._db.execute("SELECT order_id, amount_cents, state FROM payments ORDER BY rowid").fetchall()
-        moves = {"charged": ["charge"], "refunded": ["charge", "refund"], "voided": []}
+        moves = {"charged": ["charge"], "refunded": ["charge", "refund"], "voided": []}  # refunded: charged first
         return [(kind, order_id, cents) for order_id, cents, state in rows for kind in moves[state]]
 
     def _read(self, key: str) -> tuple[str, int]:
@@ -649,7 +655,7 @@ async def run_demo() -> None:
     mocha = OrderRequest(order_id=f"mocha-{suffix}", drink="mocha", size="L")
     espresso = OrderRequest(order_id=f"espresso-{suffix}", drink="espresso", size="S")
     handed_over = OrderRequest(order_id=f"handover-{suffix}", drink="latte", size="M")
-    brewing = asyncio.Event()  # set by every brew, cleared before order 4, which loses its worker 1 s after it
+    brewing = asyncio.Event()  # set by every brew; cleared before order 4, whose worker stops 1 s into its brew
 
     class DemoBrewService(BrewService):
         async def brew(self, order: OrderRequest, heartbeat: Callable[[], None]) -> None:
@@ -671,8 +677,8 @@ async def run_demo() -> None:
         async def serve(order: OrderRequest, story: str, **options: Any) -> OrderHandle:
             print(f"\n{story}\n   {ui}/{order.workflow_id}")
             handle = await start_order(client, order, task_queue)
-            # Worker 1 stops 1 s into the brew. With no grace time (new_worker's default), it fails the brew as it
-            # stops, and the server retries it on the next worker.
+            # Order 4 comes once the first three's worker has stopped. Its worker 1 stops 1 s into the brew. With no
+            # grace time (new_worker's default), it fails the brew as it stops; the server retries it on worker 2.
             if order == handed_over:
                 async with new_worker(client, services, task_queue):
                     await brewing.wait()
@@ -718,6 +724,7 @@ def print_history(history: WorkflowHistory) -> None:
         kind = EventType.Name(event.event_type).removeprefix("EVENT_TYPE_").title().replace("_", "")
         if kind in ("WorkflowTaskScheduled", "WorkflowTaskStarted"):
             continue
+        # An event's own fields are in the one attributes field set for its type, e.g. activity_task_started_...
         details = getattr(event, event.WhichOneof("attributes") or "")
         if kind == "ActivityTaskScheduled":
             steps[event.event_id] = details.activity_type.name
@@ -732,7 +739,7 @@ def print_history(history: WorkflowHistory) -> None:
 @contextlib.asynccontextmanager
 async def demo_client() -> AsyncIterator[Client]:
     """The configured server's client if one answers, else a dev server's, started for the demo."""
-    coffee, temporal = how_to_run()
+    coffee, temporal = how_to_run()  # how to run this file, and Temporal's CLI, from the user's shell
     next_steps = f"  {coffee} worker\n  {coffee} order --order-id 1 --drink latte --size M"
     try:
         client = await connect_or_explain()
