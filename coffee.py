@@ -22,9 +22,8 @@ How Temporal runs it:
 
 Read it top to bottom. The part to copy into a project: the models, the workflow and the activities. The part that
 runs it: the services, the worker and the client, sections to copy whole as a start (with your own services in place
-of the pretend ones: the same names and methods, and a payment provider that keeps Payment's rules, check too);
-then the demo and, last, the command line, which only run this example. Ties to keep when copying: read_order and
-new_worker's warnings filter; the workflow's "result" memo and wait_for_order; start_order and CommandError.
+of the pretend ones: the same names and methods, and a payment provider that keeps the rules listed under Payment,
+below); then the demo and, last, the command line, which only run this example.
 """
 
 import argparse
@@ -85,7 +84,8 @@ class OrderRequest(BaseModel):
 
 
 class OrderResult(BaseModel):
-    """What the workflow returns, and what `coffee.py order` prints. Its money fields agree with the provider's."""
+    """What the workflow returns, and what `coffee.py order` prints. Its money fields say what the payment provider
+    holds for the order."""
 
     order_id: str
     status: OrderStatus = "RECEIVED"
@@ -112,8 +112,8 @@ class OrderState(OrderResult):
 class Payment(BaseModel):
     """What each money step is given. The payment provider keeps one record per idempotency key:
     - a charge marks the key charged, and a refund then marks it refunded;
-    - a refund that comes before any charge marks the key void, so that a charge landing later is refused
-      (a charge attempt that timed out can still land);
+    - a charge attempt can time out, be refunded, and land after all: so a refund that comes before any charge
+      marks the key void, and a charge landing later is refused;
     - a call made again returns its first outcome, and moves no money;
     - a charge under a refunded or void key, or of another amount, is refused: PaymentRefused;
     - a brew checks first that the key still holds its charge, and is refused likewise if not."""
@@ -143,8 +143,7 @@ BREW_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 def read_order(inputs: tuple[object, ...]) -> OrderRequest:
     """The workflow's input, checked. Any client may send anything, so the workflow takes its input as it comes
     (*inputs), and this fails the order at once, saying why, unless it is one order. With a type hint instead, the SDK
-    would decode the input first, and a bad one would fail the workflow task: retried, without end. (When __init__
-    fails an order this way, run never starts: the worker, set up below, hides the warning Python gives for that.)"""
+    would decode the input first, and a bad one would fail the workflow task: retried, without end."""
     try:
         if len(inputs) != 1:
             raise ValueError(f"it got {len(inputs)} inputs")
@@ -168,7 +167,7 @@ class OrderCoffeeWorkflow:
         # A saga: a step that touches the world has an undo, a compensation, run if the order cannot finish.
         # The one such step here is the charge, undone by a refund.
         self._refund_owed = False
-        self._brew: workflow.ActivityHandle[int] | None = None
+        self._brew: workflow.ActivityHandle[int] | None = None  # the brew under way; it returns the attempt that brewed
 
     # There are two ways to cancel an order. This signal is the shop's own: the order ends CANCELLED, and returns its
     # result like any order. Temporal's cancel (from its CLI, web UI or handle.cancel()) ends the workflow Canceled.
@@ -186,12 +185,22 @@ class OrderCoffeeWorkflow:
             self._brew.cancel()  # The brew hears of it in the reply to its next heartbeat.
 
     def _stop_if_cancelled(self) -> None:
-        """Before each step: a cancel that came since the last one raises asyncio.CancelledError here, as Temporal's
-        cancel does during a step: so both kinds of cancel, the signal's and Temporal's, land in run's except, which
-        tells them apart by workflow.cancellation_reason()."""
+        """Called before each step: a cancel that came while no step ran stops the order here, by raising
+        asyncio.CancelledError, so that run's except takes it as it takes a cancel during a step."""
         # workflow.cancellation_reason() is None until Temporal's cancel is requested.
         if self._state.cancel_requested or workflow.cancellation_reason() is not None:
             raise asyncio.CancelledError("Order cancelled before this step")
+
+    async def _despite_cancel(self, step: workflow.ActivityHandle[Any]) -> Any:
+        """Wait for a step that must finish even if Temporal's cancel comes now: the receipt, once the coffee is made,
+        and a refund (an order that failed, or was cancelled by the signal, can still be cancelled through Temporal
+        while it refunds). Temporal raises its cancel once, in whatever wait is under way. asyncio.shield keeps it
+        from the step: the CancelledError ends this first wait only, the step runs on, and a second wait gets its
+        result."""
+        try:
+            return await asyncio.shield(step)
+        except asyncio.CancelledError:
+            return await step
 
     @workflow.query
     def get_status(self) -> OrderState:
@@ -202,11 +211,14 @@ class OrderCoffeeWorkflow:
         try:
             await self._charge()
             await self._brew_coffee()
-        # Every way an order ends without coffee comes here: a step failed for good (ActivityError), or the order was
-        # cancelled (asyncio.CancelledError). Any other exception is a bug: it fails the workflow task (this turn of
-        # the workflow's code), which Temporal retries until a fixed worker carries the order on.
+        # Every way an order ends without coffee comes here: a step failed for good, or was stopped by a cancel
+        # (ActivityError); or a cancel came between steps (asyncio.CancelledError). The branches below tell a cancel
+        # from a failure by what was asked, not by the exception's type. Any other exception is a bug: it fails the
+        # workflow task (this turn of the workflow's code), which Temporal retries until a fixed worker carries on.
         except (ActivityError, asyncio.CancelledError) as err:
             if self._refund_owed:
+                # Catching a cancel leaves the workflow free to run steps, such as this refund; and _despite_cancel,
+                # above, keeps a cancel that comes during the refund from stopping it.
                 await self._refund()
             # Cancelled through Temporal: the workflow ends Canceled, which returns no result, so the result goes in
             # the memo: values that Temporal keeps with the workflow, for any client (wait_for_order) to read.
@@ -240,9 +252,10 @@ class OrderCoffeeWorkflow:
             )
         except ActivityError as err:
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
-                # This run's charge did not go through. Any money under the key, which every run of this order shares,
-                # is an earlier run's (one that was reset, say): not this run's to refund, nor to claim. So it owes no
-                # refund, and its result reports what the key holds: {"charged", "refunded", "amount_cents"}.
+                # Refused. A retry of this run's own charge would get its first outcome back, so the key, which every
+                # run of this order shares, was refunded, voided or charged another amount by an earlier run (one that
+                # was reset, say). This run moved no money: it owes no refund, and its result reports what the key
+                # holds, the refusal's details[0]: {"charged", "refunded", "amount_cents"}.
                 self._refund_owed = False
                 self._record(**err.cause.details[0])
             raise
@@ -277,7 +290,7 @@ class OrderCoffeeWorkflow:
             retry_policy=STEP_RETRY_POLICY,
         )
         try:
-            # Made and paid for: Temporal's cancel, if it comes now, stops neither this wait nor the receipt.
+            # Made and paid for: Temporal's cancel, if it comes now, is spent on this wait, and the order completes.
             await self._despite_cancel(receipt)
             self._state.receipt_sent = True
             self._note("Receipt sent")
@@ -298,16 +311,6 @@ class OrderCoffeeWorkflow:
         if refunded:  # It can be more than the workflow saw charged: an attempt that timed out may have landed.
             self._record(charged=True, refunded=True, amount_cents=refunded)
         self._note(f"Refunded {refunded} cents")
-
-    async def _despite_cancel(self, step: workflow.ActivityHandle[Any]) -> Any:
-        """Wait for a step that must finish even if Temporal's cancel comes now: the receipt, or a refund (an order
-        that failed, or was cancelled by the signal, can still be cancelled through Temporal while it refunds).
-        Temporal raises its cancel in the workflow once, in whatever wait is under way. asyncio.shield keeps it from
-        the step: only this wait ends, with CancelledError, and the step runs on."""
-        try:
-            return await asyncio.shield(step)
-        except asyncio.CancelledError:  # The one cancel is spent: a second, plain wait gets the step's result.
-            return await step
 
     def _payment(self) -> Payment:
         return Payment(
@@ -445,7 +448,9 @@ class PaymentService:
 
     def refund(self, order_id: str, key: str) -> int:
         """Gives back what the key's charge took, once. With no charge, voids the key: a later charge is refused."""
+        # Voids the key, unless it has a record already (OR IGNORE).
         voided = self._write("INSERT OR IGNORE INTO payments VALUES (?, ?, 0, 'voided')", key, order_id)
+        # Refunds a charge, once: a record that is not 'charged' is left as it is.
         refunded = self._write("UPDATE payments SET state = 'refunded' WHERE key = ? AND state = 'charged'", key)
         state, amount = self._read(key)
         if refunded:
@@ -655,7 +660,7 @@ async def run_demo() -> None:
     mocha = OrderRequest(order_id=f"mocha-{suffix}", drink="mocha", size="L")
     espresso = OrderRequest(order_id=f"espresso-{suffix}", drink="espresso", size="S")
     handed_over = OrderRequest(order_id=f"handover-{suffix}", drink="latte", size="M")
-    brewing = asyncio.Event()  # set by every brew; cleared before order 4, whose worker stops 1 s into its brew
+    brewing = asyncio.Event()  # set by every brew: order 4's first worker stops 1 s after
 
     class DemoBrewService(BrewService):
         async def brew(self, order: OrderRequest, heartbeat: Callable[[], None]) -> None:
@@ -674,23 +679,16 @@ async def run_demo() -> None:
     async with demo_client() as client:
         ui = web_ui_url(client.service_client.config.target_host, client.namespace)
 
-        async def serve(order: OrderRequest, story: str, **options: Any) -> OrderHandle:
+        async def place(order: OrderRequest, story: str) -> OrderHandle:
             print(f"\n{story}\n   {ui}/{order.workflow_id}")
-            handle = await start_order(client, order, task_queue)
-            # Order 4 comes once the first three's worker has stopped. Its worker 1 stops 1 s into the brew. With no
-            # grace time (new_worker's default), it fails the brew as it stops; the server retries it on worker 2.
-            if order == handed_over:
-                async with new_worker(client, services, task_queue):
-                    await brewing.wait()
-                    await asyncio.sleep(1)
-                print("   Worker 1 stopped, and handed its brew back. Worker 2 starts; it has never seen this order.")
-                async with new_worker(client, services, task_queue):
-                    result = await wait_for_order(handle)
-            else:
-                result = await wait_for_order(handle, **options)
+            return await start_order(client, order, task_queue)
+
+        def report(order: OrderRequest, result: OrderResult) -> None:
             money = [f"{kind} {cents}" for kind, oid, cents in services.payment.ledger if oid == order.order_id]
             print(f"   result: {result.model_dump_json()}\n   payment ledger: {', '.join(money)}")
-            return handle
+
+        async def serve(order: OrderRequest, story: str, **options: Any) -> None:
+            report(order, await wait_for_order(await place(order, story), **options))
 
         def show(state: OrderState, new_events: list[str]) -> None:  # what the mocha's watcher prints
             print("\n".join(f"   get_status: {event}" for event in new_events))
@@ -705,10 +703,17 @@ async def run_demo() -> None:
             await serve(espresso, "3. A small espresso, cancelled by the cancel_order signal 1 s in.", cancel_after=1.0)
             print("   The signal cancelled the brew, which heard it in the reply to a heartbeat and stopped;")
             print("   only then did the workflow run its compensation, the refund.")
-        # The workers of orders 1 to 3 have stopped: order 4 gets two of its own, one after the other.
+        # The worker of orders 1 to 3 has stopped: order 4 gets two of its own, one after the other.
         brewing.clear()
         story = "4. A medium latte whose worker is stopped 1 s into the brew, as a deploy stops one."
-        handle = await serve(handed_over, story)
+        handle = await place(handed_over, story)
+        async with new_worker(client, services, task_queue):  # worker 1
+            await brewing.wait()
+            await asyncio.sleep(1)
+        # With no grace time (new_worker's default), worker 1 failed the brew as it stopped: the server retries it.
+        print("   Worker 1 stopped, and handed its brew back. Worker 2 starts; it has never seen this order.")
+        async with new_worker(client, services, task_queue):
+            report(handed_over, await wait_for_order(handle))
         print("   Worker 2 rebuilt the order by replaying its event history through the same code: the charge's")
         print("   result came from the history, so it was not charged again; the brew, unfinished, ran again.")
         print("   (A worker killed outright hands nothing back: the server notices at the 10 s heartbeat timeout.)")
@@ -726,10 +731,11 @@ def print_history(history: WorkflowHistory) -> None:
             continue
         # An event's own fields are in the one attributes field set for its type, e.g. activity_task_started_...
         details = getattr(event, event.WhichOneof("attributes") or "")
+        # Which activity: a Scheduled event names it, and later events point back at their Scheduled event.
         if kind == "ActivityTaskScheduled":
             steps[event.event_id] = details.activity_type.name
-        # An activity's later events point back at its Scheduled event, which named the activity.
-        what = [steps.get(getattr(details, "scheduled_event_id", event.event_id), "")]
+        scheduled_id = getattr(details, "scheduled_event_id", event.event_id)
+        what = [steps.get(scheduled_id, "")]
         if kind == "ActivityTaskStarted":
             failure = details.last_failure.message
             what += [f"attempt {details.attempt}", failure and f"last failure: {failure}"]
@@ -781,7 +787,8 @@ def web_ui_url(target_host: str, namespace: str) -> str:
 # --- The command line: its flags, its one-line errors, Ctrl-C. Skip it at first ---
 class ServerUnreachable(CommandError):
     def __init__(self, address: str) -> None:
-        self.address, (coffee, temporal) = address, how_to_run()
+        self.address = address
+        coffee, temporal = how_to_run()
         hint = f"Start one with `{temporal} server start-dev`, or run `{coffee} demo`, which needs none."
         super().__init__(f"no Temporal server answered at {address}.\n{hint}")
 
