@@ -20,10 +20,11 @@ How Temporal runs it:
   An operator can also reset an order: Temporal ends its run and starts a new one, which replays the history up
   to a chosen event and runs on from there.
 
-Read it top to bottom. The part to copy into a project: the models, the workflow and the activities. The part that
-runs it: the services, the worker and the client, sections to copy whole as a start (with your own services in place
-of the pretend ones: the same names and methods, and a payment provider that keeps the rules listed under Payment,
-below); then the demo and, last, the command line, which only run this example.
+Read it top to bottom. What to copy into a project, section by section:
+- as it is: the models, the workflow and the activities;
+- as a start: the services (yours in place of the pretend ones, with the same names and methods, and a payment
+  provider that keeps the rules listed under Payment), the worker and the client;
+- not at all: the demo and, last, the command line, which only run this example.
 """
 
 import argparse
@@ -110,10 +111,10 @@ class OrderState(OrderResult):
 
 
 class Payment(BaseModel):
-    """What each money step is given. The payment provider keeps one record per idempotency key:
+    """What each money step is given. A charge can time out, be refunded, and land after all; so the payment provider
+    keeps one record per idempotency key, by these rules:
     - a charge marks the key charged, and a refund then marks it refunded;
-    - a charge attempt can time out, be refunded, and land after all: so a refund that comes before any charge
-      marks the key void, and a charge landing later is refused;
+    - a refund that finds no charge marks the key void;
     - a call made again returns its first outcome, and moves no money;
     - a charge under a refunded or void key, or of another amount, is refused: PaymentRefused;
     - a brew checks first that the key still holds its charge, and is refused likewise if not."""
@@ -192,11 +193,10 @@ class OrderCoffeeWorkflow:
             raise asyncio.CancelledError("Order cancelled before this step")
 
     async def _despite_cancel(self, step: workflow.ActivityHandle[Any]) -> Any:
-        """Wait for a step that must finish even if Temporal's cancel comes now: the receipt, once the coffee is made,
-        and a refund (an order that failed, or was cancelled by the signal, can still be cancelled through Temporal
-        while it refunds). Temporal raises its cancel once, in whatever wait is under way. asyncio.shield keeps it
-        from the step: the CancelledError ends this first wait only, the step runs on, and a second wait gets its
-        result."""
+        """Wait for a step that no cancel may stop: _send_receipt's, once the coffee is made, and _refund's, which
+        Temporal's cancel can still reach after a failure or the signal's cancel. Temporal raises its cancel once, in
+        whatever wait is under way. Here the first wait takes it, shielded: the step runs on, and the second wait gets
+        its result."""
         try:
             return await asyncio.shield(step)
         except asyncio.CancelledError:
@@ -252,10 +252,10 @@ class OrderCoffeeWorkflow:
             )
         except ActivityError as err:
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
-                # Refused. A retry of this run's own charge would get its first outcome back, so the key, which every
-                # run of this order shares, was refunded, voided or charged another amount by an earlier run (one that
-                # was reset, say). This run moved no money: it owes no refund, and its result reports what the key
-                # holds, the refusal's details[0]: {"charged", "refunded", "amount_cents"}.
+                # The provider refuses only a key that is refunded, void or charged another amount, and lets a repeat
+                # of this run's charge through: so an earlier run of this order (one that was reset, say) used the key.
+                # This run moved no money, so it owes no refund; its result reports what the key holds, the refusal's
+                # details[0]: {"charged", "refunded", "amount_cents"}.
                 self._refund_owed = False
                 self._record(**err.cause.details[0])
             raise
@@ -308,7 +308,9 @@ class OrderCoffeeWorkflow:
             retry_policy=REFUND_RETRY_POLICY,
         )
         refunded = await self._despite_cancel(refund)
-        if refunded:  # It can be more than the workflow saw charged: an attempt that timed out may have landed.
+        # 0 if no charge had landed: the provider voided the key. It can be more than the workflow saw charged: an
+        # attempt that timed out may have landed.
+        if refunded:
             self._record(charged=True, refunded=True, amount_cents=refunded)
         self._note(f"Refunded {refunded} cents")
 
@@ -472,7 +474,8 @@ class PaymentService:
     def ledger(self) -> list[tuple[str, str, int]]:  # the money moved, as (kind, order_id, amount_cents)
         with self._lock:
             rows = self._db.execute("SELECT order_id, amount_cents, state FROM payments ORDER BY rowid").fetchall()
-        moves = {"charged": ["charge"], "refunded": ["charge", "refund"], "voided": []}  # refunded: charged first
+        # The money each record moved: a refunded one, a charge and then a refund.
+        moves = {"charged": ["charge"], "refunded": ["charge", "refund"], "voided": []}
         return [(kind, order_id, cents) for order_id, cents, state in rows for kind in moves[state]]
 
     def _read(self, key: str) -> tuple[str, int]:
@@ -632,7 +635,8 @@ async def wait_for_order(
 
 
 async def follow_state(handle: OrderHandle, on_change: OnChange) -> None:
-    """Poll the get_status query, and report what is new, until the order ends."""
+    """Poll the get_status query, and report what is new, until the order ends: every ending sets its status first,
+    Temporal's cancel too."""
     seen = 0
     while True:
         try:
