@@ -23,7 +23,8 @@ How Temporal runs it:
 Read it top to bottom. What to copy into a project, section by section:
 - as it is: the models, the workflow and the activities;
 - as a start: the services (yours in place of the pretend ones, with the same names and methods, and a payment
-  provider that keeps the rules listed under Payment), the worker and the client;
+  provider that keeps the rules listed under Payment), the worker and the client, keeping their Temporal settings
+  (the Pydantic data converter, the workflow id policies and memos, the heartbeat throttle);
 - not at all: the demo and, last, the command line, which only run this example.
 """
 
@@ -121,7 +122,7 @@ class Payment(BaseModel):
 
     order: OrderRequest
     idempotency_key: str  # the order's workflow id, so that every run of the order, from any client, shares it
-    amount_cents: int = 0  # what the workflow has seen charged: 0 until the charge, whose activity prices the order
+    amount_cents: int = 0  # what the workflow has seen charged: 0 until charge_customer prices the order and charges
 
 
 class PaymentRefused(Exception):
@@ -192,16 +193,6 @@ class OrderCoffeeWorkflow:
         if self._state.cancel_requested or workflow.cancellation_reason() is not None:
             raise asyncio.CancelledError("Order cancelled before this step")
 
-    async def _despite_cancel(self, step: workflow.ActivityHandle[Any]) -> Any:
-        """Wait for a step that no cancel may stop: _send_receipt's, once the coffee is made, and _refund's, which
-        Temporal's cancel can still reach after a failure or the signal's cancel. Temporal raises its cancel once, in
-        whatever wait is under way. Here the first wait takes it, shielded: the step runs on, and the second wait gets
-        its result."""
-        try:
-            return await asyncio.shield(step)
-        except asyncio.CancelledError:
-            return await step
-
     @workflow.query
     def get_status(self) -> OrderState:
         return self._state
@@ -212,13 +203,15 @@ class OrderCoffeeWorkflow:
             await self._charge()
             await self._brew_coffee()
         # Every way an order ends without coffee comes here: a step failed for good, or was stopped by a cancel
-        # (ActivityError); or a cancel came between steps (asyncio.CancelledError). The branches below tell a cancel
-        # from a failure by what was asked, not by the exception's type. Any other exception is a bug: it fails the
-        # workflow task (this turn of the workflow's code), which Temporal retries until a fixed worker carries on.
+        # (ActivityError); or a cancel came between steps (asyncio.CancelledError). The branches below tell the cancels
+        # apart by workflow.cancellation_reason() (Temporal's) and cancel_requested (the signal's), not by exception.
+        # Any other exception is a bug: it fails the workflow task (this turn of the workflow's code), which Temporal
+        # retries until a fixed worker carries on.
         except (ActivityError, asyncio.CancelledError) as err:
             if self._refund_owed:
-                # Catching a cancel leaves the workflow free to run steps, such as this refund; and _despite_cancel,
-                # above, keeps a cancel that comes during the refund from stopping it.
+                # A workflow may run steps after a cancel, such as this refund. Temporal's cancel comes only once; but
+                # after a failure or the signal's cancel, it may come now, during the refund. So _refund waits with
+                # _despite_cancel: the cancel ends that wait, not the refund, and a second wait gets its result.
                 await self._refund()
             # Cancelled through Temporal: the workflow ends Canceled, which returns no result, so the result goes in
             # the memo: values that Temporal keeps with the workflow, for any client (wait_for_order) to read.
@@ -252,12 +245,11 @@ class OrderCoffeeWorkflow:
             )
         except ActivityError as err:
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
-                # The provider refuses only a key that is refunded, void or charged another amount, and lets a repeat
-                # of this run's charge through: so an earlier run of this order (one that was reset, say) used the key.
-                # This run moved no money, so it owes no refund; its result reports what the key holds, the refusal's
-                # details[0]: {"charged", "refunded", "amount_cents"}.
+                # Refused: another run of this order used the key first (one that was reset, or that another client
+                # started for another drink). This run moved no money, so it owes no refund; its result reports what
+                # the key holds, the refusal's details[0]: {"charged", "refunded", "amount_cents"}.
                 self._refund_owed = False
-                self._record(**err.cause.details[0])
+                self._set_money(**err.cause.details[0])
             raise
         self._state.charged = True
         self._note(f"Charged {self._state.amount_cents} cents")
@@ -290,7 +282,8 @@ class OrderCoffeeWorkflow:
             retry_policy=STEP_RETRY_POLICY,
         )
         try:
-            # Made and paid for: Temporal's cancel, if it comes now, is spent on this wait, and the order completes.
+            # Made and paid for: if Temporal's cancel comes now, _despite_cancel lets it end the wait, not the
+            # receipt, and run goes on to COMPLETED.
             await self._despite_cancel(receipt)
             self._state.receipt_sent = True
             self._note("Receipt sent")
@@ -311,15 +304,24 @@ class OrderCoffeeWorkflow:
         # 0 if no charge had landed: the provider voided the key. It can be more than the workflow saw charged: an
         # attempt that timed out may have landed.
         if refunded:
-            self._record(charged=True, refunded=True, amount_cents=refunded)
+            self._set_money(charged=True, refunded=True, amount_cents=refunded)
         self._note(f"Refunded {refunded} cents")
+
+    async def _despite_cancel(self, step: workflow.ActivityHandle[Any]) -> Any:
+        """Wait for a step that must finish even if Temporal's cancel comes during it: the receipt, or a refund."""
+        try:
+            # Temporal's cancel, coming now, ends this wait; the shield keeps it from reaching the step.
+            return await asyncio.shield(step)
+        except asyncio.CancelledError:
+            # Temporal raises its cancel only once: this second wait, on the step still running, gets its result.
+            return await step
 
     def _payment(self) -> Payment:
         return Payment(
             order=self._order, idempotency_key=self._order.workflow_id, amount_cents=self._state.amount_cents
         )
 
-    def _record(self, charged: bool, refunded: bool, amount_cents: int) -> None:
+    def _set_money(self, charged: bool, refunded: bool, amount_cents: int) -> None:
         self._state.charged, self._state.refunded, self._state.amount_cents = charged, refunded, amount_cents
 
     def _end(self, status: OrderStatus) -> OrderResult:
@@ -361,9 +363,9 @@ class CoffeeActivities:
     async def brew_coffee(self, payment: Payment) -> int:
         """Brews, and returns the attempt that succeeded. Heartbeats are how a cancel reaches it."""
         try:
-            # Brew only what is paid for. Say a run charged, then refunded, and is reset to before the brew: the new run
-            # replays "charged" from the history, though the money is back. check refuses unless the key still holds
-            # this charge.
+            # Brew only what is paid for. Say run 1 charged, then refunded, and an operator resets it to before the
+            # brew: run 2 replays "charged" from the history, but the money is back. check refuses unless the key
+            # still holds this charge.
             self._services.payment.check(payment.idempotency_key, payment.amount_cents)
             await self._services.brewing.brew(payment.order, heartbeat=activity.heartbeat)
         except (BrewMachineJammed, PaymentRefused) as err:
@@ -760,6 +762,7 @@ async def demo_client() -> AsyncIterator[Client]:
         yield client
         print(f"\nNext, run the parts yourself, each in a terminal of its own:\n{next_steps}")
         return
+    # No server answered: start one.
     beside_python = shutil.which("temporal", path=os.path.dirname(sys.executable))  # what pip or uv installed
     try:
         server = await WorkflowEnvironment.start_local(
