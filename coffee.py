@@ -211,7 +211,8 @@ class OrderCoffeeWorkflow:
             if self._refund_owed:
                 # A workflow may run steps after a cancel, such as this refund. Temporal's cancel comes only once; but
                 # after a failure or the signal's cancel, it may come now, during the refund. So _refund waits with
-                # _despite_cancel: the cancel ends that wait, not the refund, and a second wait gets its result.
+                # _despite_cancel: it shields the refund (asyncio.shield), so that the cancel ends only the wait, and
+                # then waits again, for the refund's result.
                 await self._refund()
             # Cancelled through Temporal: the workflow ends Canceled, which returns no result, so the result goes in
             # the memo: values that Temporal keeps with the workflow, for any client (wait_for_order) to read.
@@ -245,8 +246,8 @@ class OrderCoffeeWorkflow:
             )
         except ActivityError as err:
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
-                # Refused: another run of this order used the key first (one that was reset, or that another client
-                # started for another drink). This run moved no money, so it owes no refund; its result reports what
+                # Refused: another run of this order used the key first (a run that was reset, or another client's
+                # run for another drink). This run moved no money, so it owes no refund; its result reports what
                 # the key holds, the refusal's details[0]: {"charged", "refunded", "amount_cents"}.
                 self._refund_owed = False
                 self._set_money(**err.cause.details[0])
@@ -343,6 +344,15 @@ def error_text(err: BaseException) -> str:
 
 
 # --- Activities: the steps that touch the world, with Temporal's retries, timeouts and heartbeats ---
+def expected_failure(err: Exception) -> ApplicationError:
+    """A service's error as the step's failure. A jam is retried, as the step's retry policy says; a refused payment
+    stays refused: non_retryable fails the step at once. Both are BENIGN: expected, so logged without a stack trace."""
+    refused = isinstance(err, PaymentRefused)
+    category = ApplicationErrorCategory.BENIGN
+    # err.args: the message, then any details (PaymentRefused's held).
+    return ApplicationError(*err.args, type=type(err).__name__, non_retryable=refused, category=category)
+
+
 class CoffeeActivities:
     """Activities as methods, so that the worker hands them their services (and tests, others)."""
 
@@ -396,15 +406,6 @@ class CoffeeActivities:
 
     def all(self) -> list[Callable[..., Awaitable[object]]]:
         return [self.charge_customer, self.brew_coffee, self.send_receipt, self.refund_customer]
-
-
-def expected_failure(err: Exception) -> ApplicationError:
-    """A service's error as the step's failure. BENIGN: expected, so the SDK logs it without a stack trace.
-    A refused payment stays refused: non_retryable fails the step at once, without retries."""
-    refused = isinstance(err, PaymentRefused)
-    category = ApplicationErrorCategory.BENIGN
-    # err.args: the message, then any details (PaymentRefused's held).
-    return ApplicationError(*err.args, type=type(err).__name__, non_retryable=refused, category=category)
 
 
 # --- Services: pricing, payment, brewing and receipts, knowing nothing of Temporal ---
