@@ -87,7 +87,7 @@ class OrderRequest(BaseModel):
 
 class OrderResult(BaseModel):
     """What the workflow returns, and what `coffee.py order` prints. Its money fields say what the payment provider
-    holds for the order."""
+    holds for the order, which another run of it may have moved."""
 
     order_id: str
     status: OrderStatus = "RECEIVED"
@@ -209,10 +209,9 @@ class OrderCoffeeWorkflow:
         # retries until a fixed worker carries on.
         except (ActivityError, asyncio.CancelledError) as err:
             if self._refund_owed:
-                # A workflow may run steps after a cancel, such as this refund. Temporal's cancel comes only once; but
-                # after a failure or the signal's cancel, it may come now, during the refund. So _refund waits with
-                # _despite_cancel: it shields the refund (asyncio.shield), so that the cancel ends only the wait, and
-                # then waits again, for the refund's result.
+                # A workflow may run steps after a cancel, such as this refund; and the refund must finish even if
+                # Temporal's cancel comes during it (after a failure or the signal's cancel, it still can). So _refund
+                # waits with _despite_cancel, below.
                 await self._refund()
             # Cancelled through Temporal: the workflow ends Canceled, which returns no result, so the result goes in
             # the memo: values that Temporal keeps with the workflow, for any client (wait_for_order) to read.
@@ -246,9 +245,10 @@ class OrderCoffeeWorkflow:
             )
         except ActivityError as err:
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
-                # Refused: another run of this order used the key first (a run that was reset, or another client's
-                # run for another drink). This run moved no money, so it owes no refund; its result reports what
-                # the key holds, the refusal's details[0]: {"charged", "refunded", "amount_cents"}.
+                # Refused: another run of this order used the key first. Say run 1 charged, then refunded, and an
+                # operator reset it to before the charge: run 2's charge finds the key refunded. This run moved no
+                # money, so it owes no refund; its result reports what the key holds, the refusal's details[0]:
+                # {"charged", "refunded", "amount_cents"}.
                 self._refund_owed = False
                 self._set_money(**err.cause.details[0])
             raise
@@ -624,7 +624,7 @@ async def wait_for_order(
             except WorkflowFailureError:
                 latest = await handle.describe()  # of the order's latest run
                 if latest.status == WorkflowExecutionStatus.RUNNING:
-                    continue  # A reset ended that run and began another: follow the new one.
+                    continue  # A reset ended that run and began another: the handle, by id alone, follows it.
                 if latest.status != WorkflowExecutionStatus.CANCELED:
                     raise  # It failed; or Temporal terminated it or timed it out, without its compensation.
                 # Canceled through Temporal, it returned no result: the workflow put it in its memo.
