@@ -87,7 +87,7 @@ class OrderRequest(BaseModel):
 
 class OrderResult(BaseModel):
     """What the workflow returns, and what `coffee.py order` prints. Its money fields say what the payment provider
-    holds for the order, which another run of it may have moved."""
+    holds for the order: after a reset, an earlier run of the order may have moved that money."""
 
     order_id: str
     status: OrderStatus = "RECEIVED"
@@ -112,8 +112,8 @@ class OrderState(OrderResult):
 
 
 class Payment(BaseModel):
-    """What each money step is given. A charge can time out, be refunded, and land after all; so the payment provider
-    keeps one record per idempotency key, by these rules:
+    """What each money step is given. A charge attempt can time out, so the workflow refunds; and then the slow charge
+    arrives. So that it is refused, the payment provider keeps one record per idempotency key, by these rules:
     - a charge marks the key charged, and a refund then marks it refunded;
     - a refund that finds no charge marks the key void;
     - a call made again returns its first outcome, and moves no money;
@@ -209,9 +209,9 @@ class OrderCoffeeWorkflow:
         # retries until a fixed worker carries on.
         except (ActivityError, asyncio.CancelledError) as err:
             if self._refund_owed:
-                # A workflow may run steps after a cancel, such as this refund; and the refund must finish even if
-                # Temporal's cancel comes during it (after a failure or the signal's cancel, it still can). So _refund
-                # waits with _despite_cancel, below.
+                # A workflow may run steps after a cancel, such as this refund. Even when the refund began after a
+                # failure or the cancel_order signal, Temporal's cancel can still arrive while it runs: so _refund
+                # waits with _despite_cancel, below, which lets the refund finish.
                 await self._refund()
             # Cancelled through Temporal: the workflow ends Canceled, which returns no result, so the result goes in
             # the memo: values that Temporal keeps with the workflow, for any client (wait_for_order) to read.
@@ -245,10 +245,10 @@ class OrderCoffeeWorkflow:
             )
         except ActivityError as err:
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
-                # Refused: another run of this order used the key first. Say run 1 charged, then refunded, and an
-                # operator reset it to before the charge: run 2's charge finds the key refunded. This run moved no
-                # money, so it owes no refund; its result reports what the key holds, the refusal's details[0]:
-                # {"charged", "refunded", "amount_cents"}.
+                # Refused: this run moved no money, so it owes no refund. Another run of this order used the key first:
+                # say run 1 charged, then refunded, and an operator reset it to before the charge; run 2's charge finds
+                # the key refunded. The result reports what the key holds, the refusal's details[0]: {"charged",
+                # "refunded", "amount_cents"}.
                 self._refund_owed = False
                 self._set_money(**err.cause.details[0])
             raise
@@ -283,8 +283,8 @@ class OrderCoffeeWorkflow:
             retry_policy=STEP_RETRY_POLICY,
         )
         try:
-            # Made and paid for: if Temporal's cancel comes now, _despite_cancel lets it end the wait, not the
-            # receipt, and run goes on to COMPLETED.
+            # Made and paid for: if Temporal's cancel comes now, _despite_cancel (below) keeps it from the receipt and
+            # waits on until the receipt is done; run goes on to COMPLETED.
             await self._despite_cancel(receipt)
             self._state.receipt_sent = True
             self._note("Receipt sent")
@@ -588,7 +588,8 @@ OnChange = Callable[[OrderState, list[str]], None]  # gets the state and the eve
 
 async def start_order(client: Client, order: OrderRequest, task_queue: str = TASK_QUEUE) -> OrderHandle:
     """Place the order, or find it if placed before: one order id, one order, charged once."""
-    with contextlib.suppress(WorkflowAlreadyStartedError):  # raised for an order that has finished: its result stands
+    # REJECT_DUPLICATE, below, raises WorkflowAlreadyStartedError once the order has finished: its result stands.
+    with contextlib.suppress(WorkflowAlreadyStartedError):
         await client.start_workflow(
             OrderCoffeeWorkflow.run,
             order,
