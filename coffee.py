@@ -87,7 +87,7 @@ class OrderRequest(BaseModel):
 
 class OrderResult(BaseModel):
     """What the workflow returns, and what `coffee.py order` prints. Its money fields say what the payment provider
-    holds for the order: after a reset, an earlier run of the order may have moved that money."""
+    holds for the order, though an earlier run may have moved that money (see the refusal in _charge)."""
 
     order_id: str
     status: OrderStatus = "RECEIVED"
@@ -112,8 +112,8 @@ class OrderState(OrderResult):
 
 
 class Payment(BaseModel):
-    """What each money step is given. A charge attempt can time out, so the workflow refunds; and then the slow charge
-    arrives. So that it is refused, the payment provider keeps one record per idempotency key, by these rules:
+    """What each money step is given. If a charge attempt times out, the workflow refunds; should the slow charge land
+    after that, the provider must refuse it. To that end, it keeps one record per idempotency key, by these rules:
     - a charge marks the key charged, and a refund then marks it refunded;
     - a refund that finds no charge marks the key void;
     - a call made again returns its first outcome, and moves no money;
@@ -187,8 +187,9 @@ class OrderCoffeeWorkflow:
             self._brew.cancel()  # The brew hears of it in the reply to its next heartbeat.
 
     def _stop_if_cancelled(self) -> None:
-        """Called before each step: a cancel that came while no step ran stops the order here, by raising
-        asyncio.CancelledError, so that run's except takes it as it takes a cancel during a step."""
+        """Called before each step. The signal stops only a brew: a cancel_order that came before or during the charge
+        stops the order here, by raising asyncio.CancelledError, so that run's except takes it as it takes a cancel
+        during a step. Temporal's cancel can also land here, in the same workflow task as a step's result."""
         # workflow.cancellation_reason() is None until Temporal's cancel is requested.
         if self._state.cancel_requested or workflow.cancellation_reason() is not None:
             raise asyncio.CancelledError("Order cancelled before this step")
@@ -588,7 +589,8 @@ OnChange = Callable[[OrderState, list[str]], None]  # gets the state and the eve
 
 async def start_order(client: Client, order: OrderRequest, task_queue: str = TASK_QUEUE) -> OrderHandle:
     """Place the order, or find it if placed before: one order id, one order, charged once."""
-    # REJECT_DUPLICATE, below, raises WorkflowAlreadyStartedError once the order has finished: its result stands.
+    # Once the order has finished, REJECT_DUPLICATE (below) refuses the start: its result stands, and the handle
+    # fetched below by id finds it either way.
     with contextlib.suppress(WorkflowAlreadyStartedError):
         await client.start_workflow(
             OrderCoffeeWorkflow.run,
