@@ -87,7 +87,7 @@ class OrderRequest(BaseModel):
 
 class OrderResult(BaseModel):
     """What the workflow returns, and what `coffee.py order` prints. Its money fields say what the payment provider
-    holds for the order, though an earlier run may have moved that money (see the refusal in _charge)."""
+    holds for the order."""
 
     order_id: str
     status: OrderStatus = "RECEIVED"
@@ -189,7 +189,7 @@ class OrderCoffeeWorkflow:
     def _stop_if_cancelled(self) -> None:
         """Called before each step. The signal stops only a brew: a cancel_order that came before or during the charge
         stops the order here, by raising asyncio.CancelledError, so that run's except takes it as it takes a cancel
-        during a step. Temporal's cancel can also land here, in the same workflow task as a step's result."""
+        during a step."""
         # workflow.cancellation_reason() is None until Temporal's cancel is requested.
         if self._state.cancel_requested or workflow.cancellation_reason() is not None:
             raise asyncio.CancelledError("Order cancelled before this step")
