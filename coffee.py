@@ -284,8 +284,8 @@ class OrderCoffeeWorkflow:
             retry_policy=STEP_RETRY_POLICY,
         )
         try:
-            # Made and paid for: if Temporal's cancel comes now, _despite_cancel (below) keeps it from the receipt and
-            # waits on until the receipt is done; run goes on to COMPLETED.
+            # Made and paid for: a cancel that comes now does not stop the receipt (_despite_cancel, below), and run
+            # goes on to COMPLETED.
             await self._despite_cancel(receipt)
             self._state.receipt_sent = True
             self._note("Receipt sent")
@@ -759,7 +759,7 @@ async def demo_client() -> AsyncIterator[Client]:
     next_steps = f"  {coffee} worker\n  {coffee} order --order-id 1 --drink latte --size M"
     try:
         client = await connect_or_explain()
-    except ServerUnreachable as err:  # Then start one, below.
+    except ServerUnreachable as err:
         print(f"No Temporal server answered at {err.address}, so the demo starts one for as long as it runs.")
     else:  # One answered: use it, and that is all.
         print(f"Using the Temporal server at {client.service_client.config.target_host}.")
