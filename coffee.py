@@ -6,8 +6,9 @@
 
 Each order is one run of OrderCoffeeWorkflow: charge, brew, send the receipt, and refund the charge whenever the
 coffee is not made (a saga). Temporal records each step in the order's event history; if a worker dies, another
-rebuilds the order by replaying that history through the same code. So workflow code takes the same path every time,
-and whatever touches the world (money, the espresso machine, e-mail) is an activity, retried by its retry policy.
+rebuilds the order by replaying that history through the same code. So workflow code must take the same path every
+time, with no clock, randomness or I/O of its own (the SDK runs it in a sandbox that checks): whatever touches the
+world (money, the espresso machine, e-mail) is an activity, which Temporal retries as its retry policy says.
 """
 
 import argparse
@@ -72,10 +73,10 @@ RETRY_POLICY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coeffi
 RETRY_FOREVER = RetryPolicy(maximum_interval=timedelta(minutes=1))  # no attempt limit: a refund must land
 STEP_TIMEOUT = timedelta(seconds=10)  # for each attempt of a step
 BREW_HEARTBEAT_TIMEOUT = timedelta(seconds=3)  # a brew silent this long is taken for dead, and brewed again
-EXPECTED = ApplicationErrorCategory.BENIGN  # an activity's expected failure: the SDK logs it without a traceback
 
 
-# failure_exception_types: a malformed order fails the workflow at once, rather than being retried without end.
+# run's argument is an OrderRequest, which the SDK decodes with pydantic: failure_exception_types makes an order that
+# does not decode fail the workflow at once, where by default its ValidationError would be retried without end.
 @workflow.defn(failure_exception_types=[ValidationError])
 class OrderCoffeeWorkflow:
     @workflow.init
@@ -97,27 +98,32 @@ class OrderCoffeeWorkflow:
 
     @workflow.run
     async def run(self, order: OrderRequest) -> OrderResult:
-        if workflow.cancellation_reason() is not None:  # Temporal's cancel came with the order: charge nothing
-            self.cancel_order()
+        # Temporal's own cancel (from its CLI, web UI or API) cancels this coroutine, at its await. It is handled as
+        # cancel_order is, while the shield keeps it from _serve, which carries the order on to its end: a refund.
         serving = asyncio.create_task(self._serve(order))
         try:
-            # Temporal's own cancel (from its CLI, web UI or API) stops this wait; the shield keeps it from _serve.
             return await asyncio.shield(serving)
         except asyncio.CancelledError:
-            self.cancel_order()  # so it goes as the shop's cancel does: the brew stops, and the charge is refunded
-            if (result := await serving).status == "CANCELLED":
-                raise  # the workflow ends Canceled, as Temporal's cancel asked
-            return result  # it came too late
+            self.cancel_order()
+            result = await serving
+            if result.status == "CANCELLED":
+                raise  # the workflow ends Canceled, as Temporal's cancel asks
+            return result  # the coffee was made before the cancel came
 
     async def _serve(self, order: OrderRequest) -> OrderResult:
         state, refund_owed = self._state, False
         try:
+            # Priced once, by a step of its own: the history keeps the price, so a retried charge, or a replay by a
+            # release with new prices, uses this one.
+            state.amount_cents = await workflow.execute_activity_method(
+                CoffeeActivities.price_order, order, start_to_close_timeout=STEP_TIMEOUT, retry_policy=RETRY_POLICY
+            )
             if not state.cancel_requested:
-                state.status, refund_owed = "CHARGING", True  # owed even if the charge fails: it may land late
-                # What was charged, as the history keeps it: a replay, even by a release with new prices, reads it.
-                state.amount_cents = await workflow.execute_activity_method(
+                state.status = "CHARGING"
+                refund_owed = True  # from the first attempt on: an attempt may land even if the step then fails
+                await workflow.execute_activity_method(
                     CoffeeActivities.charge_customer,
-                    order,
+                    args=[order, state.amount_cents],
                     start_to_close_timeout=STEP_TIMEOUT,
                     retry_policy=RETRY_POLICY,
                 )
@@ -135,13 +141,11 @@ class OrderCoffeeWorkflow:
                 )
                 await self._brew
                 state.brewed = True
-        except ActivityError as err:  # a step gave up, or a cancel stopped the brew
-            if not state.cancel_requested:
-                state.last_error = str(err.cause or err)
+        except ActivityError as err:  # a step gave up, or a cancel stopped the brew (an ActivityError as well)
+            state.last_error = None if state.cancel_requested else str(err.cause)
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
                 refund_owed = False  # no money moved: this order id was refunded or voided before
         if state.brewed:
-            # A step added here while orders run goes behind workflow.patched("its-name"), so their histories replay.
             state.status = "SENDING_RECEIPT"
             try:
                 await workflow.execute_activity_method(
@@ -152,14 +156,16 @@ class OrderCoffeeWorkflow:
                 )
                 state.receipt_sent = True
             except ActivityError as err:  # a lost receipt does not undo a coffee made and paid for
-                state.last_error = str(err.cause or err)
+                state.last_error = str(err.cause)
+            # A step added here while orders run goes behind workflow.patched("its-name"), so their histories replay.
             return self._end("COMPLETED")
         if refund_owed:  # the saga's compensation: no coffee, so the charge is undone
             state.status = "REFUNDING"
             refunded = await workflow.execute_activity_method(
                 CoffeeActivities.refund_customer, order, start_to_close_timeout=STEP_TIMEOUT, retry_policy=RETRY_FOREVER
             )
-            state.charged = state.refunded = refunded > 0  # 0 if no charge had landed
+            # The provider's word: it gave back 0 cents if no charge had landed, even one unseen, its attempt timed out.
+            state.charged = state.refunded = refunded > 0
         return self._end("CANCELLED" if state.cancel_requested else "FAILED")
 
     def _end(self, status: Status) -> OrderResult:
@@ -167,28 +173,32 @@ class OrderCoffeeWorkflow:
         return OrderResult(**self._state.model_dump(exclude={"cancel_requested"}))
 
 
-# --- Activities: the steps that touch the world, each with the services it needs ---
+# --- Activities: the steps that touch the world. The plain def ones run on the worker's threads, where a slow call
+# (a payment API, SMTP) cannot block the event loop, which the async brew needs for its heartbeats ---
 class CoffeeActivities:
-    def __init__(self, services: "ServiceFactory") -> None:  # in quotes: defined below
+    def __init__(self, services: "ServiceFactory") -> None:
         self.services = services
 
     @activity.defn
-    def charge_customer(self, order: OrderRequest) -> int:
-        # The order id is the idempotency key: if an attempt landed but its reply was lost, the next one gets the
-        # first one's charge, and its price, whatever the price is now. Returns the cents charged.
-        try:
-            cents = self.services.pricing.price_cents(order.drink, order.size)
-            return self.services.payment.charge(order.order_id, cents)
+    def price_order(self, order: OrderRequest) -> int:
+        return self.services.pricing.price_cents(order.drink, order.size)
+
+    @activity.defn
+    def charge_customer(self, order: OrderRequest, amount_cents: int) -> None:
+        try:  # The order id is the idempotency key: an attempt made again charges nothing new.
+            self.services.payment.charge(order.order_id, amount_cents)
         except PaymentRefused as err:  # final: non_retryable fails the step at once
-            raise ApplicationError(str(err), type="PaymentRefused", non_retryable=True, category=EXPECTED) from None
+            raise ApplicationError(str(err), type="PaymentRefused", non_retryable=True) from None
 
     @activity.defn
     async def brew_coffee(self, order: OrderRequest) -> None:
         # Heartbeats tell Temporal the brew is alive, and their replies bring a cancel, as asyncio.CancelledError.
         try:
             await self.services.brewing.brew(order, heartbeat=activity.heartbeat)
-        except BrewMachineJammed as err:  # retried by the retry policy
-            raise ApplicationError(str(err), type="BrewMachineJammed", category=EXPECTED) from None
+        except BrewMachineJammed as err:  # expected (BENIGN: logged with no traceback), and retried by the retry policy
+            raise ApplicationError(
+                str(err), type="BrewMachineJammed", category=ApplicationErrorCategory.BENIGN
+            ) from None
 
     @activity.defn
     def send_receipt(self, order: OrderRequest, amount_cents: int) -> None:
@@ -204,9 +214,7 @@ class PricingStrategy(Protocol):
     def price_cents(self, drink: Drink, size: Size) -> int: ...
 
 
-class StandardPricingStrategy:
-    """A base price by size plus a surcharge by drink: a medium latte is 450 + 75 = 525 cents."""
-
+class StandardPricingStrategy:  # a base price by size plus a surcharge by drink: a medium latte is 450 + 75 cents
     BASE_CENTS: ClassVar[dict[Size, int]] = {"S": 350, "M": 450, "L": 550}
     SURCHARGE_CENTS: ClassVar[dict[Drink, int]] = {"espresso": 0, "latte": 75, "mocha": 100}
 
@@ -222,7 +230,7 @@ class PaymentService:
     """A pretend payment provider. Like a real one, it takes an idempotency key (the order id) and keeps one payment
     per key, here in SQLite: a file that workers share and that outlives them. A key is charged, then maybe refunded;
     a refund that finds no charge voids the key, so that a charge slow to land cannot land after it. A call made
-    again changes nothing and returns the first call's outcome; a charge under a void or refunded key is refused."""
+    again changes nothing; a charge of another amount, or under a void or refunded key, is refused."""
 
     def __init__(self, database: str) -> None:
         # SQLite's own lock lets the activities' threads share one connection (sqlite3.threadsafety is 3).
@@ -231,19 +239,15 @@ class PaymentService:
         self._db.execute("CREATE TABLE IF NOT EXISTS payments (order_id PRIMARY KEY, cents, state)")
         self._log = logging.getLogger("coffee.payment")
 
-    def charge(self, order_id: str, cents: int) -> int:
-        """Returns the cents charged under the key: these, or those of its first charge."""
+    def charge(self, order_id: str, cents: int) -> None:
         self._log.info("Charging order %s for %d cents", order_id, cents)
         new = self._db.execute("INSERT OR IGNORE INTO payments VALUES (?, ?, 'charged')", (order_id, cents)).rowcount
-        state, charged = self.payment(order_id)
-        if state != "charged":
-            self._log.warning("Refused to charge order %s: its payment is %s", order_id, state)
-            raise PaymentRefused(f"order {order_id}'s payment is {state}: place a new order, with a new id")
+        if (payment := self.payment(order_id)) != ("charged", cents):
+            self._log.warning("Refused to charge order %s: its payment is %s", order_id, payment)
+            raise PaymentRefused(f"order {order_id}'s payment is {payment[0]}, {payment[1]} cents: use a new order id")
         self._log.info("Charge successful for order %s" if new else "Order %s was charged before", order_id)
-        return charged
 
     def refund(self, order_id: str) -> int:
-        """Returns the cents refunded, 0 if there was no charge."""
         self._db.execute("INSERT OR IGNORE INTO payments VALUES (?, 0, 'void')", (order_id,))
         sql = "UPDATE payments SET state = 'refunded' WHERE order_id = ? AND state = 'charged'"
         if self._db.execute(sql, (order_id,)).rowcount:
@@ -251,8 +255,7 @@ class PaymentService:
         state, cents = self.payment(order_id)
         return cents if state == "refunded" else 0
 
-    def payment(self, order_id: str) -> tuple[str, int]:
-        """The payment's state ("charged", "refunded", "void" or "none") and cents."""
+    def payment(self, order_id: str) -> tuple[str, int]:  # ("charged", "refunded", "void" or "none", its cents)
         sql = "SELECT state, cents FROM payments WHERE order_id = ?"
         return self._db.execute(sql, (order_id,)).fetchone() or ("none", 0)
 
@@ -261,9 +264,7 @@ class BrewMachineJammed(Exception):
     pass
 
 
-class BrewService:
-    """A pretend espresso machine that takes its time, and jams now and then."""
-
+class BrewService:  # a pretend espresso machine that takes its time, and jams now and then
     def __init__(self, failure_rate: float, seconds: float) -> None:
         self.failure_rate, self.seconds = failure_rate, seconds
         self._log = logging.getLogger("coffee.brewing")
@@ -271,8 +272,9 @@ class BrewService:
     async def brew(self, order: OrderRequest, heartbeat: Callable[[], None]) -> None:
         self._log.info("Brewing %s (%s) for order %s", order.drink, order.size, order.order_id)
         jams = self.jams(order)
+        seconds = self.seconds / 2 if jams else self.seconds  # a jam strikes halfway
         try:
-            for _ in range(round(self.seconds * (1 if jams else 2))):  # half seconds; a jam strikes halfway
+            for _ in range(round(seconds * 2)):  # a heartbeat each half second
                 heartbeat()
                 await asyncio.sleep(0.5)
         except asyncio.CancelledError:
@@ -308,11 +310,10 @@ def new_worker(client: Client, services: ServiceFactory) -> Worker:
         client,
         task_queue=TASK_QUEUE,
         workflows=[OrderCoffeeWorkflow],
-        activities=[shop.charge_customer, shop.brew_coffee, shop.send_receipt, shop.refund_customer],
-        # The plain def activities run on these threads, where a slow call (a payment API, SMTP) cannot block the
-        # event loop, which the async brew needs for its heartbeats.
-        activity_executor=ThreadPoolExecutor(max_workers=20),
-        # A worker keeps its orders in memory, and gets their next workflow tasks; should it die, they wait this long.
+        activities=[shop.price_order, shop.charge_customer, shop.brew_coffee, shop.send_receipt, shop.refund_customer],
+        activity_executor=ThreadPoolExecutor(max_workers=20),  # for the plain def activities
+        # The server sends an order's next workflow task to the worker that has the order in memory; if that worker
+        # is gone, it waits this long (by default 10 s) before another worker may take it, and replay the history.
         sticky_queue_schedule_to_start_timeout=timedelta(seconds=2),
     )
 
@@ -332,8 +333,7 @@ class CommandError(Exception):
     """A problem the user can fix: coffee.py says it in one line, and exits 1."""
 
 
-async def connect() -> Client:
-    """Connect to the server that Temporal's environment configuration names (see parse_args)."""
+async def connect() -> Client:  # to the server that Temporal's environment configuration names (see parse_args)
     config = ClientConfig.load_client_connect_config()
     address = config.setdefault("target_host", "localhost:7233")
     try:
@@ -357,7 +357,8 @@ async def start_order(client: Client, order: OrderRequest) -> WorkflowHandle[Ord
         )
     except exceptions.WorkflowAlreadyStartedError:
         handle = client.get_workflow_handle_for(OrderCoffeeWorkflow.run, f"order-{order.order_id}")
-        if await (await handle.describe()).memo_value("order", order, type_hint=OrderRequest) != order:
+        description = await handle.describe()  # with the memo: what that order was (if no memo, take it as this one)
+        if await description.memo_value("order", order, type_hint=OrderRequest) != order:
             raise CommandError(f"order {order.order_id} was placed before, for another drink or size") from None
         print(f"Order {order.order_id} was placed before: this is that order, and nothing new is charged.")
         return handle
@@ -412,9 +413,9 @@ async def run_demo(args: argparse.Namespace) -> None:
         dev_server_extra_args=["--output", "none"],
     ) as server:
         client, address = server.client, server.client.service_client.config.target_host
-        ui = f"http://localhost:{int(address.rsplit(':', 1)[1]) + 1000}/namespaces/default/workflows"  # port + 1000
-        print(f"Temporal coffee: four orders on a dev server of the demo's own, with a web UI while it runs:\n   {ui}")
-        print("Each order is one run of OrderCoffeeWorkflow: charge, brew, send a receipt. This process is the worker.")
+        ui = f"http://localhost:{int(address.rsplit(':', 1)[1]) + 1000}/namespaces/default/workflows"  # as it picks
+        print(f"Temporal coffee: four orders on the demo's own dev server. Its web UI, while the demo runs: {ui}")
+        print("Each order is a run of OrderCoffeeWorkflow: charge, brew, send a receipt. This process is the worker.")
 
         async def place(order: OrderRequest, story: str) -> WorkflowHandle[OrderCoffeeWorkflow, OrderResult]:
             print(f"\n{story}\n   {ui}/order-{order.order_id}")
@@ -507,16 +508,7 @@ async def place_order(args: argparse.Namespace) -> int:
     return 1 if result.status == "FAILED" else 0
 
 
-async def run_command(args: argparse.Namespace) -> int:
-    task, loop = asyncio.current_task(), asyncio.get_running_loop()
-    assert task
-    for sig in (signal.SIGINT, signal.SIGTERM):  # the first cancels the command, so that each `async with` cleans up
-        loop.add_signal_handler(sig, lambda: task.cancelling() or task.cancel())
-    return await {"demo": run_demo, "worker": run_worker, "order": place_order}[args.command](args) or 0
-
-
-def how_to_run() -> tuple[str, str]:
-    """How to run this file, and Temporal's CLI, from the shell that ran it: under uv, or with a venv's Python."""
+def how_to_run() -> tuple[str, str]:  # this file's command and Temporal's CLI, as typed where it was run: uv, or a venv
     script = os.path.relpath(__file__)
     if "UV" in os.environ:  # set by uv run; from a URL, uv runs a temporary copy, soon gone
         script = "coffee.py" if os.path.dirname(__file__) == tempfile.gettempdir() else script
@@ -531,8 +523,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=log_line, datefmt="%Y-%m-%d %H:%M:%S")
     logging.getLogger("temporalio").setLevel(logging.WARNING)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # in step with the log, when piped
+
+    async def run_command() -> int:
+        task, loop = asyncio.current_task(), asyncio.get_running_loop()
+        assert task
+        for sig in (signal.SIGINT, signal.SIGTERM):  # cancel the command, so each `async with` cleans up; only once,
+            loop.add_signal_handler(sig, lambda: task.cancelling() or task.cancel())  # lest a second cut that short
+        return await {"demo": run_demo, "worker": run_worker, "order": place_order}[args.command](args) or 0
+
     try:
-        return asyncio.run(run_command(args))
+        return asyncio.run(run_command())
     except CommandError as err:
         print(f"coffee.py: {err}", file=sys.stderr)
     except RPCError as err:
@@ -540,8 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as err:  # a bad --order-id
         print(f"coffee.py: invalid {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}", file=sys.stderr)
     except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, or SIGTERM
-        show = f"`{how_to_run()[1]} workflow show -w order-{args.order_id}`" if args.command == "order" else ""
-        print(f"coffee.py: stopped{f'; order {args.order_id} goes on: see {show}' if show else ''}", file=sys.stderr)
+        going_on = f"; order {args.order_id} goes on" if args.command == "order" else ""
+        print(f"coffee.py: stopped{going_on}", file=sys.stderr)
         return 130
     return 1
 
