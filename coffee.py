@@ -519,10 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log_line = "%(asctime)s [%(levelname)s] %(name)s: %(message)s"
     logging.basicConfig(level=logging.INFO, format=log_line, datefmt="%Y-%m-%d %H:%M:%S")
-    logging.getLogger("temporalio").setLevel(logging.WARNING)
+    logging.getLogger("temporalio").setLevel(logging.WARNING if args.command == "worker" else logging.ERROR)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # in step with the log, when piped
-    core_logs = LoggingConfig(LoggingConfig.default.filter, LogForwardingConfig(logging.getLogger("temporalio.core")))
-    Runtime.set_default(Runtime(telemetry=TelemetryConfig(logging=core_logs)))  # the SDK core's warnings to stderr too
 
     async def run_command() -> int:
         task, loop = asyncio.current_task(), asyncio.get_running_loop()
@@ -547,4 +545,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    core_logs = LoggingConfig(LoggingConfig.default.filter, LogForwardingConfig(logging.getLogger("temporalio.core")))
+    Runtime.set_default(Runtime(telemetry=TelemetryConfig(logging=core_logs)))  # the SDK core's warnings to stderr too
     os._exit(main())  # skips Python's teardown, which temporalio's threads can crash (sdk-python issue 300)
