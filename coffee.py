@@ -80,10 +80,10 @@ BREW_HEARTBEAT_TIMEOUT = timedelta(seconds=3)  # a brew silent this long is take
 # not decode fails the workflow at once; by default, its ValidationError would fail a workflow task, retried forever.
 @workflow.defn(failure_exception_types=[ValidationError])
 class OrderCoffeeWorkflow:
-    """A saga: price, charge, brew, send the receipt; and if the coffee is not made, refund the charge. The refund is
-    owed from the charge's first attempt on, as an attempt can land even if the step then fails; a refund that finds
-    no charge voids the order id instead, so that a charge landing late is refused. Two cancels lead to the refund:
-    cancel_order, the shop's own, and Temporal's (from its CLI, web UI or API), which run hands on to cancel_order."""
+    """A saga: price, charge, brew, send the receipt. If the coffee is not made, a refund undoes the charge; it is
+    owed as soon as the charge is tried, since an attempt can take the money and still fail (its reply lost, say).
+    A refund that finds no charge makes the provider refuse any later one for the order (it voids the order id).
+    Both cancels lead there: cancel_order, the shop's own, and Temporal's, which run hands on to cancel_order."""
 
     @workflow.init  # __init__ gets the order too, so that the state exists before a signal or a query comes
     def __init__(self, order: OrderRequest) -> None:
@@ -106,19 +106,18 @@ class OrderCoffeeWorkflow:
     async def run(self, order: OrderRequest) -> OrderResult:
         serving = asyncio.create_task(self._serve(order))
         try:
-            return await asyncio.shield(serving)  # Temporal's cancel stops this wait, but not _serve
-        except asyncio.CancelledError:  # Temporal's cancel
-            self.cancel_order()  # the brew stops, and _serve goes on to the refund
+            return await asyncio.shield(serving)  # Temporal's cancel interrupts this wait, and not _serve
+        except asyncio.CancelledError:  # Temporal's cancel came, from its CLI, web UI or API
+            self.cancel_order()  # handled as the shop's cancel: the brew stops, then _serve refunds the charge
             result = await serving
-            if result.status == "CANCELLED":
-                raise  # the workflow ends Canceled, as Temporal's cancel asks
-            return result  # it came too late: the order had already ended
+            if result.status != "CANCELLED":
+                return result  # the cancel came too late: the order had ended, COMPLETED or FAILED
+            raise  # the workflow ends Canceled, as Temporal's cancel asks
 
     async def _serve(self, order: OrderRequest) -> OrderResult:
         state, refund_owed = self._state, False
         try:
-            # Priced by a step of its own, whose result the history keeps: a retried charge, or a replay by a
-            # release with new prices, uses this price.
+            # Priced by a step of its own, whose result the history keeps: a retry or replay on new prices uses it.
             state.amount_cents = await workflow.execute_activity_method(
                 CoffeeActivities.price_order, order, start_to_close_timeout=STEP_TIMEOUT, retry_policy=RETRY_POLICY
             )
@@ -147,7 +146,7 @@ class OrderCoffeeWorkflow:
         except ActivityError as err:  # a step gave up, or a cancel stopped the brew (an ActivityError as well)
             state.last_error = None if state.cancel_requested else str(err.cause)
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
-                refund_owed = False  # the order id was refunded or voided before: this run moved no money
+                refund_owed = False  # the provider took no money (the order id was used before): nothing to refund
         if state.brewed:
             state.status = "SENDING_RECEIPT"
             try:
@@ -168,7 +167,9 @@ class OrderCoffeeWorkflow:
             refunded = await workflow.execute_activity_method(
                 CoffeeActivities.refund_customer, order, start_to_close_timeout=STEP_TIMEOUT, retry_policy=RETRY_FOREVER
             )
-            state.charged = state.refunded = refunded > 0  # the provider's word: a charge may have landed unseen
+            # The money as the provider tells it: cents given back mean that a charge had landed (maybe one whose
+            # reply was lost); 0, that none had, and the order id is now void.
+            state.charged = state.refunded = refunded > 0
         return self._end("CANCELLED" if state.cancel_requested else "FAILED")
 
     def _end(self, status: Status) -> OrderResult:
@@ -236,7 +237,6 @@ class PaymentService:
     again changes nothing; a charge of another amount, or under a void or refunded key, is refused."""
 
     def __init__(self, database: str) -> None:
-        # SQLite's own lock lets the activities' threads share one connection (sqlite3.threadsafety is 3).
         self._db = sqlite3.connect(database, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode = WAL")  # workers in other processes may read while one writes
         self._db.execute("CREATE TABLE IF NOT EXISTS payments (order_id PRIMARY KEY, cents, state)")
