@@ -1,12 +1,8 @@
-"""The tests of coffee.py, by subject: the models and the payment provider; the activities; the workflow on Temporal's
-time-skipping test server, where retries and their back-off take no time; the recorded histories; the workflow on a
-dev server, where time is real (the cancels, a slow call, a killed worker, a restarted server); the command line;
-the demo. Money is read from the payment provider's records, coffees and receipts from the services' log lines, and
-Temporal's behaviour from the event history. Both servers come from requirements.txt: none to start by hand.
-
-pytest-xdist runs them in five processes (.pytest.ini), each with a server of each kind. Waits are on events (a log
-line, a history event, a state), each with a generous guard, so that a busy machine slows a test but never fails it.
-"""
+"""The tests of coffee.py, by subject: the payment provider; an activity; the workflow on the time-skipping server,
+where retries take no time; the recorded histories; the workflow on a dev server, in real time (cancels, slow calls,
+a killed worker, a restarted server); the command line; the demo. Money is read from the provider's records, coffees
+and receipts from the services' log lines, Temporal's behaviour from the event history. Waits are on events, each
+with a generous guard, so that a busy machine slows a test but never fails it. pytest-xdist runs five processes."""
 
 import asyncio
 import contextlib
@@ -104,14 +100,13 @@ def count(lines: list[str], text: str) -> int:
 
 def tally(caplog: pytest.LogCaptureFixture, order: OrderRequest) -> dict[str, int]:
     """The order's charges, coffees, receipts and refunds, as the services logged them."""
-    lines = said(caplog, order)
-    texts = {
+    said_it = {
         "charges": "Charge successful",
         "coffees": "Brew complete",
         "receipts": "Receipt sent",
         "refunds": "Refunded",
     }
-    return {what: count(lines, text) for what, text in texts.items()}
+    return {what: count(said(caplog, order), text) for what, text in said_it.items()}
 
 
 async def run_order(
@@ -186,13 +181,6 @@ async def cancel(handle: Handle, way: str = "temporal") -> None:
 
 
 CANCEL_REQUESTED = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED
-
-
-async def event_is_recorded(handle: Handle, kind: "EventType.ValueType") -> None:
-    async def recorded() -> bool:
-        return kind in [e.event_type for e in await events(handle)]
-
-    await eventually(recorded, EventType.Name(kind))
 
 
 def scheduled(history: list[Any]) -> dict[str, Any]:
@@ -293,15 +281,6 @@ def within_the_time_limit(request: pytest.FixtureRequest) -> None:
     request.node.obj = bounded
 
 
-@pytest.fixture
-def main_in_process() -> Any:
-    """coffee.main, run in the test's process; the signal handlers it sets are put back after."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield coffee.main
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-
-
 def address(env: WorkflowEnvironment) -> str:
     return env.client.service_client.config.target_host
 
@@ -340,33 +319,13 @@ def test_the_provider_charges_a_key_once_refunds_it_once_and_voids_it_if_it_find
 
 
 # --- The activities, through ActivityEnvironment ---
-LATTE_A1 = OrderRequest(order_id="a1", drink="latte", size="M")
-
-
-async def test_a_brew_heartbeats_while_it_brews(log: Any) -> None:
-    env, beats = ActivityEnvironment(), []
-    env.on_heartbeat = lambda *details: beats.append(details)
-    await env.run(coffee.CoffeeActivities(services(brew_seconds=1.5)).brew_coffee, LATTE_A1)
-    assert len(beats) == 3  # one each half second
-    assert said(log, LATTE_A1) == ["Brewing latte (M) for order a1", "Brew complete for order a1"]
-
-
 async def test_a_jam_is_an_expected_failure_that_the_retry_policy_retries(log: Any) -> None:
+    brew = coffee.CoffeeActivities(services(brew_failure_rate=1.0)).brew_coffee
     with pytest.raises(ApplicationError) as jammed:
-        await ActivityEnvironment().run(coffee.CoffeeActivities(services(brew_failure_rate=1.0)).brew_coffee, LATTE_A1)
+        await ActivityEnvironment().run(brew, OrderRequest(order_id="a1", drink="latte", size="M"))
     assert (jammed.value.type, jammed.value.non_retryable) == ("BrewMachineJammed", False)
     assert jammed.value.category == ApplicationErrorCategory.BENIGN  # logged by the SDK without a traceback
     assert ("ERROR", "Brew machine jammed for order a1!") in [(r.levelname, r.getMessage()) for r in log.records]
-
-
-async def test_a_cancelled_brew_stops_at_once(log: Any) -> None:
-    env = ActivityEnvironment()
-    env.on_heartbeat = lambda *details: env.cancel()  # as the reply to its first heartbeat would say
-    started = time.monotonic()
-    with pytest.raises(asyncio.CancelledError):
-        await env.run(coffee.CoffeeActivities(services(brew_seconds=60)).brew_coffee, LATTE_A1)
-    assert time.monotonic() - started < 5
-    assert said(log, LATTE_A1) == ["Brewing latte (M) for order a1", "Brew stopped for order a1"]
 
 
 # --- The workflow, on the time-skipping server ---
@@ -816,12 +775,15 @@ async def test_a_bug_pauses_the_order_until_a_fixed_worker_carries_it_on(
         activity_executor=coffee.ThreadPoolExecutor(),
     ):  # fmt: skip
         handle = await coffee.start_order(dev_server.client, order)
-        await event_is_recorded(handle, EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED)
+
+        async def failed() -> bool:
+            return EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED in [e.event_type for e in await events(handle)]
+
+        await eventually(failed, "a failed workflow task")
     assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING  # paused, not failed nor refunded
     async with coffee.new_worker(dev_server.client, factory):  # the fix, deployed
         assert await handle.result() == completed(order)
-    lines = said(log, order)
-    assert [count(lines, text) for text in ("Charge successful", "Brew complete", "Receipt sent")] == [1, 1, 1]
+    assert tally(log, order) == {"charges": 1, "coffees": 1, "receipts": 1, "refunds": 0}
     assert factory.payment.payment(order.order_id) == ("charged", 525)
 
 
@@ -951,10 +913,10 @@ async def test_ctrl_c_once_or_twice_stops_order_in_one_line_and_leaves_the_order
     ],
 )
 def test_a_bad_flag_gets_one_line_and_a_non_zero_exit(
-    main_in_process: Any, capsys: pytest.CaptureFixture[str], args: list[str], code: int, message: str
+    capsys: pytest.CaptureFixture[str], args: list[str], code: int, message: str
 ) -> None:
     try:
-        exit_code = main_in_process(args)
+        exit_code = coffee.main(args)
     except SystemExit as exit:  # argparse's way: its usage, then one line
         exit_code = exit.code
     out, err = capsys.readouterr()
@@ -962,20 +924,18 @@ def test_a_bad_flag_gets_one_line_and_a_non_zero_exit(
 
 
 def test_no_server_gets_one_line_that_says_how_to_start_one(
-    main_in_process: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TEMPORAL_ADDRESS", f"127.0.0.1:{free_port()}")
     for args in (["worker", "--payments-db", ":memory:"], latte_args("n1")):
-        assert main_in_process(args) == 1
+        assert coffee.main(args) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("coffee.py: no Temporal server answered at 127.0.0.1:")
         assert "server start-dev`, or run `" in err and " demo`, which needs none" in err
 
 
-def test_a_ledger_path_that_cannot_be_used_gets_one_line(
-    main_in_process: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    assert main_in_process(["worker", "--payments-db", str(tmp_path / "no" / "such.sqlite3")]) == 1
+def test_a_ledger_path_that_cannot_be_used_gets_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert coffee.main(["worker", "--payments-db", str(tmp_path / "no" / "such.sqlite3")]) == 1
     err = capsys.readouterr().err
     assert (
         err == f"coffee.py: cannot keep payment records in {tmp_path}/no/such.sqlite3: unable to open database file\n"
