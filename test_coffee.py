@@ -717,7 +717,8 @@ async def test_an_order_outlives_a_restart_of_a_server_that_keeps_its_state(tmp_
         return server
 
     server = await start_server()
-    client = await Client.connect(f"127.0.0.1:{port}", data_converter=pydantic_data_converter)
+    connecting = lambda: Client.connect(f"127.0.0.1:{port}", data_converter=pydantic_data_converter)  # noqa: E731
+    client = await eventually(connecting, "a client connected, once the server's frontend is up")
     factory, order = services(), new_order()
     factory.brewing = FirstBrewJams()
     async with coffee.new_worker(client, factory):
