@@ -80,10 +80,8 @@ BREW_HEARTBEAT_TIMEOUT = timedelta(seconds=3)  # a brew silent this long is take
 # not decode fails the workflow at once; by default, its ValidationError would fail a workflow task, retried forever.
 @workflow.defn(failure_exception_types=[ValidationError])
 class OrderCoffeeWorkflow:
-    """A saga: price, charge, brew, send the receipt. If the coffee is not made, a refund undoes the charge; it is
-    owed as soon as the charge is tried, since an attempt can take the money and still fail (its reply lost, say).
-    A refund that finds no charge makes the provider refuse any later one for the order (it voids the order id).
-    Both cancels lead there: cancel_order, the shop's own, and Temporal's, which run hands on to cancel_order."""
+    """A saga: price, charge, brew, send the receipt; and if the coffee is not made, refund the charge. Both cancels
+    lead there: cancel_order, the shop's own signal, and Temporal's own cancel, which run turns into cancel_order."""
 
     @workflow.init  # __init__ gets the order too, so that the state exists before a signal or a query comes
     def __init__(self, order: OrderRequest) -> None:
@@ -122,7 +120,8 @@ class OrderCoffeeWorkflow:
                 CoffeeActivities.price_order, order, start_to_close_timeout=STEP_TIMEOUT, retry_policy=RETRY_POLICY
             )
             if not state.cancel_requested:
-                state.status, refund_owed = "CHARGING", True
+                state.status = "CHARGING"
+                refund_owed = True  # even if this step fails: an attempt may have taken the money, its reply lost
                 await workflow.execute_activity_method(
                     CoffeeActivities.charge_customer,
                     args=[order, state.amount_cents],
@@ -146,7 +145,7 @@ class OrderCoffeeWorkflow:
         except ActivityError as err:  # a step gave up, or a cancel stopped the brew (an ActivityError as well)
             state.last_error = None if state.cancel_requested else str(err.cause)
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
-                refund_owed = False  # the provider took no money (the order id was used before): nothing to refund
+                refund_owed = False  # a refusal takes no money (the order id was used up before): nothing to undo
         if state.brewed:
             state.status = "SENDING_RECEIPT"
             try:
@@ -167,9 +166,7 @@ class OrderCoffeeWorkflow:
             refunded = await workflow.execute_activity_method(
                 CoffeeActivities.refund_customer, order, start_to_close_timeout=STEP_TIMEOUT, retry_policy=RETRY_FOREVER
             )
-            # The money as the provider tells it: cents given back mean that a charge had landed (maybe one whose
-            # reply was lost); 0, that none had, and the order id is now void.
-            state.charged = state.refunded = refunded > 0
+            state.refunded = refunded > 0  # 0 cents if no charge had landed; the provider then refuses any later one
         return self._end("CANCELLED" if state.cancel_requested else "FAILED")
 
     def _end(self, status: Status) -> OrderResult:
