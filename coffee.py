@@ -4,7 +4,7 @@
 # ///
 """Temporal coffee: a coffee shop's orders on Temporal, in one file. Try it: uv run coffee.py demo
 
-Each order is one run of OrderCoffeeWorkflow: charge, brew, send the receipt, and refund the charge whenever the
+Each order is one run of OrderCoffeeWorkflow: price, charge, brew, send the receipt, and refund the charge whenever the
 coffee is not made (a saga). Temporal records each step in the order's event history; if a worker dies, another
 rebuilds the order by replaying that history through the same code. So workflow code takes the same path every time,
 with no clock, randomness or I/O of its own (the SDK's sandbox checks): whatever touches the world is an activity,
