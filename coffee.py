@@ -145,7 +145,7 @@ class OrderCoffeeWorkflow:
         except ActivityError as err:  # a step gave up, or a cancel stopped the brew (an ActivityError as well)
             state.last_error = None if state.cancel_requested else str(err.cause)
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
-                refund_owed = False  # a refusal takes no money (the order id was used up before): nothing to undo
+                refund_owed = False  # refused, as the order id was used before: no money moved, nothing to undo
         if state.brewed:
             state.status = "SENDING_RECEIPT"
             try:
@@ -379,7 +379,8 @@ async def wait_for_order(
 ) -> OrderResult:
     """The order's result; on the way, report each new state (get_status), or send cancel_order, if asked."""
 
-    async def watch(on_state: Callable[[OrderState], None], last: OrderState | None = None) -> None:
+    async def watch(on_state: Callable[[OrderState], None]) -> None:
+        last = None
         while True:
             with contextlib.suppress(RPCError):  # a query needs a worker to answer it: ask again
                 if (state := await handle.query(OrderCoffeeWorkflow.get_status)) != last:
