@@ -368,7 +368,7 @@ async def start_order(client: Client, order: OrderRequest) -> WorkflowHandle[Ord
         description = await handle.describe()  # with the memo: what that order was (if no memo, take it as this one)
         if await description.memo_value("order", order, type_hint=OrderRequest) != order:
             raise CommandError(f"order {order.order_id} was placed before, for another drink or size") from None
-        print(f"Order {order.order_id} was placed before: this is that order, and nothing new is charged.")
+        print(f"Order {order.order_id} was placed before: this is that order; nothing new is charged.", file=sys.stderr)
         return handle
 
 

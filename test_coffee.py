@@ -750,7 +750,7 @@ async def test_the_same_order_placed_twice_is_one_order_with_one_charge_one_coff
             await coffee.start_order(dev_server.client, order.model_copy(update={"drink": "mocha"}))
     assert results == [completed(order)] * 3
     assert tally(log, order) == {"charges": 1, "coffees": 1, "receipts": 1, "refunds": 0}
-    assert capsys.readouterr().out.count("was placed before: this is that order, and nothing new is charged") == 2
+    assert capsys.readouterr().err.count("was placed before: this is that order; nothing new is charged") == 2
 
 
 @workflow.defn(name="OrderCoffeeWorkflow", failure_exception_types=[ValidationError])
@@ -817,8 +817,8 @@ async def test_order_placed_again_finds_the_order_and_charges_nothing_new(
         first = await run_cli(*latte_args(order.order_id), server=server)
         again = await run_cli(*latte_args(order.order_id), server=server)
     other = await run_cli("order", "--order-id", order.order_id, "--drink", "mocha", "--size", "M", server=server)
-    assert first[:2] == (0, again[1].split("\n", 1)[1]) and again[0] == 0
-    assert again[1].startswith(f"Order {order.order_id} was placed before: this is that order, and nothing new is")
+    assert first[:2] == again[:2] and first[0] == 0  # the same result, and stdout JSON alone
+    assert again[2] == f"Order {order.order_id} was placed before: this is that order; nothing new is charged.\n"
     assert other == (1, "", f"coffee.py: order {order.order_id} was placed before, for another drink or size\n")
     assert count(said(log, order), "Charging") == 1
 
