@@ -250,9 +250,10 @@ class PaymentService:
     def refund(self, order_id: str) -> int:
         self._db.execute("INSERT OR IGNORE INTO payments VALUES (?, 0, 'void')", (order_id,))
         sql = "UPDATE payments SET state = 'refunded' WHERE order_id = ? AND state = 'charged'"
-        if self._db.execute(sql, (order_id,)).rowcount:
-            self._log.info("Refunded %d cents for order %s", self.payment(order_id)[1], order_id)
+        refunded_now = self._db.execute(sql, (order_id,)).rowcount
         state, cents = self.payment(order_id)
+        if refunded_now:
+            self._log.info("Refunded %d cents for order %s", cents, order_id)
         return cents if state == "refunded" else 0
 
     def payment(self, order_id: str) -> tuple[str, int]:  # ("charged", "refunded", "void" or "none", its cents)
