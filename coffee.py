@@ -250,27 +250,25 @@ class PaymentService:
         self._log = logging.getLogger("coffee.payment")
 
     def charge(self, payment: Payment) -> None:
-        order_id, cents, run = payment.order_id, payment.cents, payment.first_run_id
-        self._log.info("Charging order %s for %d cents", order_id, cents)
-        sql = "INSERT OR IGNORE INTO payments VALUES (?, ?, 'charged', ?)"
-        new = self._db.execute(sql, (order_id, cents, run)).rowcount
-        if (found := self._record(order_id)) != ("charged", cents, run):
-            self._log.warning("Refused to charge order %s: its payment is %s, %d cents", order_id, *found[:2])
-            raise PaymentRefused(f"order {order_id} has a payment ({found[0]}, {found[1]} cents): use a new order id")
-        self._log.info("Charge successful for order %s" if new else "Order %s was charged before", order_id)
+        self._log.info("Charging order %s for %d cents", payment.order_id, payment.cents)
+        sql = "INSERT OR IGNORE INTO payments VALUES (:order_id, :cents, 'charged', :first_run_id)"
+        new = self._db.execute(sql, payment.model_dump()).rowcount
+        if (found := self._record(payment.order_id)) != ("charged", payment.cents, payment.first_run_id):
+            self._log.warning("Refused to charge order %s: its payment is %s, %d cents", payment.order_id, *found[:2])
+            raise PaymentRefused(f"order {payment.order_id} has a payment ({found[0]}, {found[1]} cents): use a new id")
+        self._log.info("Charge successful for order %s" if new else "Order %s was charged before", payment.order_id)
 
     def refund(self, payment: Payment) -> int:
-        order_id, run = payment.order_id, payment.first_run_id
-        self._db.execute("INSERT OR IGNORE INTO payments VALUES (?, 0, 'void', ?)", (order_id, run))
-        sql = "UPDATE payments SET state = 'refunded' WHERE order_id = ? AND state = 'charged' AND first_run_id = ?"
-        if self._db.execute(sql, (order_id, run)).rowcount:
-            self._log.info("Refunded %d cents for order %s", payment.cents, order_id)
-        state, cents, paid_by = self._record(order_id)
-        return cents if (state, paid_by) == ("refunded", run) else 0
+        keys = payment.model_dump()
+        self._db.execute("INSERT OR IGNORE INTO payments VALUES (:order_id, 0, 'void', :first_run_id)", keys)
+        sql = "UPDATE payments SET state = 'refunded' WHERE order_id = :order_id AND first_run_id = :first_run_id"
+        if self._db.execute(sql + " AND state = 'charged'", keys).rowcount:
+            self._log.info("Refunded %d cents for order %s", payment.cents, payment.order_id)
+        state, cents, paid_by = self._record(payment.order_id)
+        return cents if (state, paid_by) == ("refunded", payment.first_run_id) else 0
 
     def payment(self, order_id: str) -> tuple[str, int]:  # ("charged", "refunded", "void" or "none", its cents)
-        state, cents, _ = self._record(order_id)
-        return state, cents
+        return self._record(order_id)[:2]
 
     def _record(self, order_id: str) -> tuple[str, int, str]:
         sql = "SELECT state, cents, first_run_id FROM payments WHERE order_id = ?"
@@ -352,8 +350,9 @@ async def run_worker(args: argparse.Namespace) -> None:
     except sqlite3.Error as err:
         raise CommandError(f"cannot keep records in {args.records}: {err}") from None
     async with new_worker(await connect(), services):
-        log = logging.getLogger("coffee.worker")
-        log.info("Worker %d polling task queue %r; Ctrl-C to stop", os.getpid(), TASK_QUEUE)
+        logging.getLogger("coffee.worker").info(
+            "Worker %d polling task queue %r; Ctrl-C to stop", os.getpid(), TASK_QUEUE
+        )
         await asyncio.Event().wait()  # until Ctrl-C
 
 
@@ -442,22 +441,22 @@ async def run_demo(args: argparse.Namespace) -> None:
     services.brewing = FirstLatteJams(failure_rate=0, seconds=4)
     with socket.socket() as free:  # a free port, for the web UI
         free.bind(("localhost", 0))
-        ui = f"http://localhost:{free.getsockname()[1]}"
+        ui_port = free.getsockname()[1]
     cli = shutil.which("temporal") or shutil.which("temporal", path=os.path.dirname(sys.executable))
     async with await WorkflowEnvironment.start_local(  # on Temporal's CLI if installed; if not, the SDK downloads it
         ui=True,
-        ui_port=int(ui.rsplit(":", 1)[1]),
+        ui_port=ui_port,
         dev_server_existing_path=cli,
         data_converter=pydantic_data_converter,
         dev_server_log_level="error",
         dev_server_extra_args=["--output", "none"],
     ) as server:
-        client = server.client
-        print(f"Temporal coffee: four orders on the demo's own dev server, whose web UI is at {ui} while it runs.")
+        client, ui = server.client, f"http://localhost:{ui_port}/namespaces/default/workflows"
+        print(f"Temporal coffee: four orders on the demo's own dev server. Its web UI, while the demo runs: {ui}")
         print("Each order is a run of OrderCoffeeWorkflow: charge, brew, send a receipt. This process is the worker.")
 
         async def place(order: OrderRequest, story: str) -> WorkflowHandle[OrderCoffeeWorkflow, OrderResult]:
-            print(f"\n{story}\n   {ui}/namespaces/default/workflows/order-{order.order_id}")
+            print(f"\n{story}\n   {ui}/order-{order.order_id}")
             return await start_order(client, order)
 
         def report(order: OrderRequest, result: OrderResult) -> None:
@@ -474,17 +473,8 @@ async def run_demo(args: argparse.Namespace) -> None:
             print("   The brew heard of the cancel in a heartbeat's reply, and stopped; then came the refund.")
         handle = await place(crash, "4. A medium latte, whose worker (another process: coffee.py worker) is killed.")
         env = {**os.environ, "TEMPORAL_ADDRESS": client.service_client.config.target_host}
-        worker = await asyncio.create_subprocess_exec(
-            sys.executable,
-            __file__,
-            "worker",
-            "--brew-failure-rate",
-            "0",
-            "--brew-seconds",
-            "4",
-            env=env,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        command = [sys.executable, __file__, "worker", "--brew-failure-rate", "0", "--brew-seconds", "4"]
+        worker = await asyncio.create_subprocess_exec(*command, env=env, stderr=asyncio.subprocess.PIPE)
         try:
             async for line in worker.stderr:  # type: ignore[union-attr]  # its log, passed on until it is brewing
                 print(line.decode(), end="", file=sys.stderr)
@@ -496,9 +486,7 @@ async def run_demo(args: argparse.Namespace) -> None:
             await worker.wait()
         print("   Killed it, 1 s into the brew. This process becomes the next worker; it has never seen this order.")
         # The server holds an order's next workflow task for the worker that ran it last (10 s if that one is gone).
-        gone = ResetStickyTaskQueueRequest(
-            namespace=client.namespace, execution=WorkflowExecution(workflow_id=handle.id)
-        )
+        gone = ResetStickyTaskQueueRequest(namespace="default", execution=WorkflowExecution(workflow_id=handle.id))
         await client.workflow_service.reset_sticky_task_queue(gone)
         async with new_worker(client, services):
             report(crash, await handle.result())
