@@ -551,11 +551,20 @@ async def place_order(args: argparse.Namespace) -> int:
     return 1 if result.status == "FAILED" else 0
 
 
+def one_line(
+    record: logging.LogRecord,
+) -> bool:  # an attempt that the server dropped (in a restart, say), said in one line
+    if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+        record.exc_info = None
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log_line = "%(asctime)s [%(levelname)s] %(name)s: %(message)s"
     logging.basicConfig(level=logging.INFO, format=log_line, datefmt="%Y-%m-%d %H:%M:%S")
     logging.getLogger("temporalio").setLevel(logging.WARNING if args.command == "worker" else logging.ERROR)
+    logging.getLogger("temporalio.activity").addFilter(one_line)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # in step with the log, when piped
     try:
         return asyncio.run({"demo": run_demo, "worker": run_worker, "order": place_order}[args.command](args)) or 0
