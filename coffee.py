@@ -96,9 +96,8 @@ BREW = workflow.ActivityConfig(
     # On a cancel, wait until the brew has really stopped, so that the refund comes after it.
     cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
 )
-REFUND = workflow.ActivityConfig(  # no attempt limit: a refund must land
-    start_to_close_timeout=timedelta(seconds=10), retry_policy=RetryPolicy(maximum_interval=timedelta(minutes=1))
-)
+# No attempt limit for a refund, which must land: Temporal retries it, backing off to once a minute.
+REFUND = STEP | workflow.ActivityConfig(retry_policy=RetryPolicy(maximum_interval=timedelta(minutes=1)))
 
 
 @workflow.defn
@@ -235,8 +234,7 @@ def open_records(database: str, table: str) -> sqlite3.Connection:  # a file tha
     return records
 
 
-class PaymentRefused(Exception):
-    pass
+class PaymentRefused(Exception): ...
 
 
 class PaymentService:
@@ -253,7 +251,7 @@ class PaymentService:
         self._log.info("Charging order %s for %d cents", payment.order_id, payment.cents)
         sql = "INSERT OR IGNORE INTO payments VALUES (:order_id, :cents, 'charged', :first_run_id)"
         new = self._db.execute(sql, payment.model_dump()).rowcount
-        if (found := self._record(payment.order_id)) != ("charged", payment.cents, payment.first_run_id):
+        if (found := self.payment(payment.order_id)) != ("charged", payment.cents, payment.first_run_id):
             self._log.warning("Refused to charge order %s: its payment is %s, %d cents", payment.order_id, *found[:2])
             raise PaymentRefused(f"order {payment.order_id} has a payment ({found[0]}, {found[1]} cents): use a new id")
         self._log.info("Charge successful for order %s" if new else "Order %s was charged before", payment.order_id)
@@ -264,19 +262,15 @@ class PaymentService:
         sql = "UPDATE payments SET state = 'refunded' WHERE order_id = :order_id AND first_run_id = :first_run_id"
         if self._db.execute(sql + " AND state = 'charged'", keys).rowcount:
             self._log.info("Refunded %d cents for order %s", payment.cents, payment.order_id)
-        state, cents, paid_by = self._record(payment.order_id)
+        state, cents, paid_by = self.payment(payment.order_id)
         return cents if (state, paid_by) == ("refunded", payment.first_run_id) else 0
 
-    def payment(self, order_id: str) -> tuple[str, int]:  # ("charged", "refunded", "void" or "none", its cents)
-        return self._record(order_id)[:2]
-
-    def _record(self, order_id: str) -> tuple[str, int, str]:
+    def payment(self, order_id: str) -> tuple[str, int, str]:  # "charged", "refunded", "void" or "none"; cents; by
         sql = "SELECT state, cents, first_run_id FROM payments WHERE order_id = ?"
         return self._db.execute(sql, (order_id,)).fetchone() or ("none", 0, "")
 
 
-class BrewMachineJammed(Exception):
-    pass
+class BrewMachineJammed(Exception): ...
 
 
 class BrewService:  # a pretend espresso machine that takes its time, and jams now and then
@@ -357,12 +351,11 @@ async def run_worker(args: argparse.Namespace) -> None:
 
 
 # --- The client: connect, place an order, wait for its result ---
+Handle = WorkflowHandle[OrderCoffeeWorkflow, OrderResult]
+
+
 class CommandError(Exception):
     """A problem the user can fix: coffee.py says it in one line, and exits 1."""
-
-
-def rerun(command: str) -> str:  # one of this file's commands, as it was run: with uv, or with this Python
-    return f"uv run coffee.py {command}" if "UV" in os.environ else f"{sys.executable} {sys.argv[0]} {command}"
 
 
 async def connect() -> Client:  # to the server that Temporal's environment configuration names (see parse_args)
@@ -375,11 +368,11 @@ async def connect() -> Client:  # to the server that Temporal's environment conf
     try:
         return await Client.connect(**config, data_converter=pydantic_data_converter)
     except RuntimeError as err:
-        hint = f"start one with `temporal server start-dev`, or run `{rerun('demo')}`, which needs none"
+        hint = "start one with `temporal server start-dev`, or run coffee.py's demo, which needs none"
         raise CommandError(f"no Temporal server answered at {address} ({err}); {hint}") from None
 
 
-async def start_order(client: Client, order: OrderRequest) -> WorkflowHandle[OrderCoffeeWorkflow, OrderResult]:
+async def start_order(client: Client, order: OrderRequest) -> Handle:
     """Place the order; or, if its id was placed before, find that order: one id, one order, one charge."""
     workflow_id = f"order-{order.order_id}"
     try:  # REJECT_DUPLICATE: even once that order has finished
@@ -398,9 +391,7 @@ async def start_order(client: Client, order: OrderRequest) -> WorkflowHandle[Ord
 
 
 async def wait_for_order(
-    handle: WorkflowHandle[OrderCoffeeWorkflow, OrderResult],
-    on_state: Callable[[OrderState], None] | None = None,
-    cancel_after: float | None = None,
+    handle: Handle, on_state: Callable[[OrderState], None] | None, cancel_after: float | None
 ) -> OrderResult:
     """The order's result; on the way, report each new state (get_status), or send cancel_order, if asked."""
 
@@ -455,21 +446,21 @@ async def run_demo(args: argparse.Namespace) -> None:
         print(f"Temporal coffee: four orders on the demo's own dev server. Its web UI, while the demo runs: {ui}")
         print("Each order is a run of OrderCoffeeWorkflow: charge, brew, send a receipt. This process is the worker.")
 
-        async def place(order: OrderRequest, story: str) -> WorkflowHandle[OrderCoffeeWorkflow, OrderResult]:
+        async def place(order: OrderRequest, story: str) -> Handle:
             print(f"\n{story}\n   {ui}/order-{order.order_id}")
             return await start_order(client, order)
 
         def report(order: OrderRequest, result: OrderResult) -> None:
-            state, cents = services.payment.payment(order.order_id)
+            state, cents, _ = services.payment.payment(order.order_id)
             print(f"   result: {result.model_dump_json()}\n   the payment provider's record: {state}, {cents} cents")
 
         async with new_worker(client, services):
-            report(latte, await wait_for_order(await place(latte, "1. A medium latte, whose first brew jams.")))
+            report(latte, await (await place(latte, "1. A medium latte, whose first brew jams.")).result())
             print("   Temporal ran brew_coffee again 1 s after the jam (its retry policy); one charge: 450 + 75 cents.")
             handle = await place(mocha, "2. A large mocha, watched by the get_status query, which changes nothing.")
-            report(mocha, await wait_for_order(handle, on_state=lambda state: print(f"   get_status: {state.status}")))
+            report(mocha, await wait_for_order(handle, lambda state: print(f"   get_status: {state.status}"), None))
             handle = await place(espresso, "3. A small espresso, cancelled 1 s in by the cancel_order signal.")
-            report(espresso, await wait_for_order(handle, cancel_after=1))
+            report(espresso, await wait_for_order(handle, None, cancel_after=1))
             print("   The brew heard of the cancel in a heartbeat's reply, and stopped; then came the refund.")
         handle = await place(crash, "4. A medium latte, whose worker (another process: coffee.py worker) is killed.")
         env = {**os.environ, "TEMPORAL_ADDRESS": client.service_client.config.target_host}
@@ -495,11 +486,12 @@ async def run_demo(args: argparse.Namespace) -> None:
         async for event in handle.fetch_history_events():
             if (started := event.activity_task_started_event_attributes).attempt > 1:
                 print(f"   brew_coffee's attempt {started.attempt} started, after: {started.last_failure.message}")
+    coffee = "uv run coffee.py" if "UV" in os.environ else f"{sys.executable} {sys.argv[0]}"  # as it was run
     print("\nThe demo's server has stopped, and its links with it. To run the parts yourself, each in a terminal:")
     if os.path.dirname(__file__) == tempfile.gettempdir():  # uv ran it from a URL, from a copy that is gone now
         print("  (first save the script here as coffee.py: curl -Lo coffee.py <its URL>)")
     print("  temporal server start-dev --db-filename coffee.db      (Temporal's CLI: https://docs.temporal.io/cli)")
-    print(f"  {rerun('worker')}\n  {rerun(f'order --order-id {tag} --drink latte --size M --query')}")
+    print(f"  {coffee} worker\n  {coffee} order --order-id {tag} --drink latte --size M --query")
 
 
 # --- The command line ---
@@ -566,8 +558,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("temporalio").setLevel(logging.WARNING if args.command == "worker" else logging.ERROR)
     logging.getLogger("temporalio.activity").addFilter(one_line)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # in step with the log, when piped
+
+    async def run_command() -> int:
+        task, loop = asyncio.current_task(), asyncio.get_running_loop()
+        assert task
+        signal.signal(signal.SIGTERM, lambda *_: loop.call_soon_threadsafe(task.cancel))  # as Ctrl-C does: clean up
+        return await {"demo": run_demo, "worker": run_worker, "order": place_order}[args.command](args) or 0
+
     try:
-        return asyncio.run({"demo": run_demo, "worker": run_worker, "order": place_order}[args.command](args)) or 0
+        return asyncio.run(run_command())
     except CommandError as err:
         print(f"coffee.py: {err}", file=sys.stderr)
     except RPCError as err:  # the server refused a call, or could not be reached for a while
@@ -582,7 +581,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))  # SIGTERM stops it as Ctrl-C does
     # The SDK's core logs through Python's logging, to stderr: else its warnings would land on stdout, in order's JSON.
     core_logs = LoggingConfig(LoggingConfig.default.filter, LogForwardingConfig(logging.getLogger("temporalio.core")))
     Runtime.set_default(Runtime(telemetry=TelemetryConfig(logging=core_logs)))

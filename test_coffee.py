@@ -38,15 +38,7 @@ from temporalio.worker import Replayer
 from temporalio.workflow import NondeterminismError
 
 import coffee
-from coffee import (
-    BrewService,
-    NotificationService,
-    OrderCoffeeWorkflow,
-    OrderRequest,
-    OrderResult,
-    Payment,
-    PaymentService,
-)
+from coffee import BrewService, NotificationService, OrderCoffeeWorkflow, OrderRequest, OrderResult, Payment
 
 HERE = Path(__file__).parent
 HISTORIES = HERE / ".histories"  # event histories recorded by this edition's workflow, replayed by every change
@@ -329,7 +321,7 @@ def test_a_medium_latte_costs_450_plus_75_and_a_bigger_cup_costs_more() -> None:
 
 
 def test_the_provider_charges_a_key_once_refunds_it_once_and_voids_it_if_it_finds_no_charge(log: Any) -> None:
-    provider, p1, p2 = PaymentService(":memory:"), paying("p1"), paying("p2")
+    provider, p1, p2 = coffee.PaymentService(":memory:"), paying("p1"), paying("p2")
     provider.charge(p1)
     provider.charge(p1)  # an attempt made again, its first reply lost
     with pytest.raises(coffee.PaymentRefused, match="charged, 525 cents"):
@@ -337,9 +329,9 @@ def test_the_provider_charges_a_key_once_refunds_it_once_and_voids_it_if_it_find
     with pytest.raises(coffee.PaymentRefused, match="charged, 525 cents"):
         provider.charge(p1.model_copy(update={"first_run_id": "another start"}))  # the id started again, refused
     assert provider.refund(p1.model_copy(update={"first_run_id": "another start"})) == 0  # nor refunded by it
-    assert provider.payment("p1") == ("charged", 525)
+    assert provider.payment("p1")[:2] == ("charged", 525)
     assert provider.refund(p1) == 525 == provider.refund(p1)
-    assert provider.payment("p1") == ("refunded", 525)
+    assert provider.payment("p1")[:2] == ("refunded", 525)
     assert provider.refund(p2) == 0  # no charge: the order id is voided, so that a late charge is refused
     with pytest.raises(coffee.PaymentRefused, match="void"):
         provider.charge(p2)
@@ -375,7 +367,7 @@ async def test_an_order_whose_first_brew_jams_logs_the_seed_lines_and_ends_charg
         f"Brew machine jammed for order {o}!", f"Brewing latte (M) for order {o}", f"Brew complete for order {o}",
         f"Sending receipt for order {o}", f"Receipt sent for order {o}",
     ]  # fmt: skip
-    assert factory.payment.payment(o) == ("charged", 525)
+    assert factory.payment.payment(o)[:2] == ("charged", 525)
     history = await handle.fetch_history()
     steps = scheduled(list(history.events))
     assert set(steps) == {"price_order", "charge_customer", "brew_coffee", "send_receipt"}
@@ -399,7 +391,7 @@ async def test_five_jams_fail_the_order_and_refund_the_charge_once(
     )  # fmt: skip
     assert tally(log, order) == {"charges": 1, "coffees": 0, "receipts": 0, "refunds": 1}
     assert count(said(log, order), "Brewing") == 5
-    assert factory.payment.payment(order.order_id) == ("refunded", 525)
+    assert factory.payment.payment(order.order_id)[:2] == ("refunded", 525)
     assert scheduled(list(history.events))["refund_customer"].retry_policy.maximum_attempts == 0  # until it lands
     record("failed-after-five-jams", history)
 
@@ -415,7 +407,7 @@ async def test_a_lost_receipt_does_not_undo_a_coffee_made_and_paid_for(time_skip
     _, result = await run_order(time_skipping, factory, order)
     lost = {"receipt_sent": False, "last_error": "ConnectionError: mail server down"}
     assert result == completed(order).model_copy(update=lost)
-    assert factory.payment.payment(order.order_id) == ("charged", 525)
+    assert factory.payment.payment(order.order_id)[:2] == ("charged", 525)
 
 
 async def test_a_refused_charge_fails_the_order_at_once_without_a_refund(
@@ -435,7 +427,7 @@ async def test_a_refused_charge_fails_the_order_at_once_without_a_refund(
 async def test_a_charge_retried_on_a_release_with_new_prices_keeps_the_price_the_order_was_given(
     time_skipping: WorkflowEnvironment, monkeypatch: pytest.MonkeyPatch, log: Any
 ) -> None:
-    class ReplyLostThenPricesRise(PaymentService):
+    class ReplyLostThenPricesRise(coffee.PaymentService):
         def charge(self, payment: Payment) -> None:
             super().charge(payment)
             prices = coffee.StandardPricingStrategy.SURCHARGE_CENTS
@@ -452,7 +444,7 @@ async def test_a_charge_retried_on_a_release_with_new_prices_keeps_the_price_the
     factory, order = services(), new_order()
     factory.payment, factory.notification = ReplyLostThenPricesRise(":memory:"), Receipts(":memory:")
     assert (await run_order(time_skipping, factory, order))[1] == completed(order)
-    assert factory.payment.payment(order.order_id) == ("charged", 525)
+    assert factory.payment.payment(order.order_id)[:2] == ("charged", 525)
     assert Receipts.cents == [525]
 
 
@@ -471,10 +463,10 @@ async def test_a_cancel_before_the_charge_moves_no_money(time_skipping: Workflow
             assert isinstance(failure.value.cause, CancelledError)
         history = await handle.fetch_history()
     assert set(scheduled(list(history.events))) == {"price_order"}
-    assert factory.payment.payment(order.order_id) == ("none", 0)
+    assert factory.payment.payment(order.order_id)[:2] == ("none", 0)
 
 
-class FirstChargeStuckOnTheWire(PaymentService):
+class FirstChargeStuckOnTheWire(coffee.PaymentService):
     """A provider whose first charge hangs past the step's timeout and lands only when the test says; the others
     fail (the order gives up) or go through (the order is cancelled meanwhile)."""
 
@@ -514,7 +506,7 @@ async def test_a_charge_that_lands_after_its_timeout_is_never_kept(
             provider.let_it_land.set()
         assert await asyncio.to_thread(provider.landed.wait, 30)
     assert result.status == ("FAILED" if ending == "gave up" else "CANCELLED")
-    assert provider.payment(order.order_id) == money  # the late charge was refused: net 0
+    assert provider.payment(order.order_id)[:2] == money  # the late charge was refused: net 0
     assert (result.charged, result.refunded, result.amount_cents) == (money[1] > 0, money[1] > 0, 525)
 
 
@@ -560,11 +552,11 @@ async def test_a_cancel_after_the_brew_comes_too_late_and_the_order_completes(
         await cancel(handle, way)
         sent.set()
         assert await handle.result() == completed(order)
-    assert factory.payment.payment(order.order_id) == ("charged", 525)
+    assert factory.payment.payment(order.order_id)[:2] == ("charged", 525)
 
 
 async def test_temporals_cancel_does_not_stop_a_refund_that_is_retrying(time_skipping: WorkflowEnvironment) -> None:
-    class RefundFailsTwice(PaymentService):
+    class RefundFailsTwice(coffee.PaymentService):
         attempts, retrying, cancelled = 0, threading.Event(), threading.Event()
 
         def refund(self, payment: Payment) -> int:
@@ -585,7 +577,7 @@ async def test_temporals_cancel_does_not_stop_a_refund_that_is_retrying(time_ski
         await cancel(handle)
         RefundFailsTwice.cancelled.set()
         assert (await result).status == "FAILED"  # it failed before the cancel came, and was refunded even so
-    assert factory.payment.payment(order.order_id) == ("refunded", 525)
+    assert factory.payment.payment(order.order_id)[:2] == ("refunded", 525)
 
 
 # --- Orders started by other clients: one workflow per order id, whoever starts it ---
@@ -630,7 +622,7 @@ async def test_a_finished_order_started_again_by_another_client_is_refused_and_t
     assert (result.status, result.charged, result.brewed, result.refunded) == ("FAILED", False, False, False)
     assert "has a payment (charged, 525 cents)" in (result.last_error or "")
     assert tally(log, order) == {"charges": 1, "coffees": 1, "receipts": 1, "refunds": 0}
-    assert factory.payment.payment(order.order_id) == ("charged", 525)
+    assert factory.payment.payment(order.order_id)[:2] == ("charged", 525)
 
 
 async def test_an_order_placed_before_by_another_client_is_told_apart_by_what_was_ordered(
@@ -646,8 +638,9 @@ async def test_an_order_placed_before_by_another_client_is_told_apart_by_what_wa
     for order in (latte, odd):
         with pytest.raises(coffee.CommandError, match="was placed before, for another drink or size"):
             await coffee.start_order(client, order)
-    assert (await coffee.start_order(client, mocha)).id == others[0].id
-    assert "was placed before: this is it; nothing new is charged" in capsys.readouterr().err
+    found = await asyncio.gather(*[coffee.start_order(client, mocha) for _ in range(2)])  # at once: both find it
+    assert [handle.id for handle in found] == [others[0].id] * 2
+    assert capsys.readouterr().err.count("was placed before: this is it; nothing new is charged") == 2
     for other in others:
         await other.terminate()
 
@@ -728,14 +721,14 @@ async def test_a_cancel_mid_brew_stops_the_brew_then_refunds(
     assert tally(log, order) == {"charges": 1, "coffees": 0, "receipts": 0, "refunds": 1}
     lines = [line.split(" for order")[0] for line in said(log, order)]
     assert lines.index("Brew stopped") < lines.index("Refunded 525 cents")  # the refund waited for the brew to stop
-    assert factory.payment.payment(order.order_id) == ("refunded", 525)
+    assert factory.payment.payment(order.order_id)[:2] == ("refunded", 525)
     assert stopped_after < 15  # a heartbeat's reply brought it; far sooner, on an idle machine
 
 
 async def test_temporals_cancel_mid_charge_lets_the_charge_land_then_refunds_it(
     dev_server: WorkflowEnvironment, log: Any
 ) -> None:
-    class HeldCharge(PaymentService):
+    class HeldCharge(coffee.PaymentService):
         on_the_wire, let_it_land = threading.Event(), threading.Event()
 
         def charge(self, payment: Payment) -> None:
@@ -752,7 +745,7 @@ async def test_temporals_cancel_mid_charge_lets_the_charge_land_then_refunds_it(
         HeldCharge.let_it_land.set()
         with pytest.raises(WorkflowFailureError):
             await handle.result()
-    assert factory.payment.payment(order.order_id) == ("refunded", 525)
+    assert factory.payment.payment(order.order_id)[:2] == ("refunded", 525)
     assert count(said(log, order), "Brewing") == 0
 
 
@@ -766,7 +759,7 @@ class BrewMochasSlowly(BrewService):
 async def test_slow_blocking_payment_and_receipt_calls_never_cost_a_brew_its_heartbeats(
     dev_server: WorkflowEnvironment, log: Any
 ) -> None:
-    class SlowPayments(PaymentService):
+    class SlowPayments(coffee.PaymentService):
         def charge(self, payment: Payment) -> None:
             time.sleep(4.5 if payment.order_id == latte.order_id else 0)  # longer than the brew's heartbeat timeout
             super().charge(payment)
@@ -793,7 +786,7 @@ async def test_a_slow_provider_under_load_charges_each_order_once_with_one_coffe
 ) -> None:
     monkeypatch.setattr(coffee, "ACTIVITY_SLOTS", 2)  # two threads: of three charges at once, one must wait
 
-    class SlowProvider(PaymentService):  # a provider during an incident: 6 s a charge, of the step's 10 s
+    class SlowProvider(coffee.PaymentService):  # a provider during an incident: 6 s a charge, of the step's 10 s
         def charge(self, payment: Payment) -> None:
             time.sleep(6)
             super().charge(payment)
@@ -823,7 +816,7 @@ async def test_a_worker_killed_mid_brew_hands_the_order_to_the_next_one_charged_
     async with coffee.new_worker(dev_server.client, factory):
         assert await handle.result() == completed(order)
     assert count(first_log.splitlines(), "Charge successful") == 1 and count(said(log, order), "Charging") == 0
-    assert factory.payment.payment(order.order_id) == ("charged", 525)
+    assert factory.payment.payment(order.order_id)[:2] == ("charged", 525)
     started = [e.activity_task_started_event_attributes for e in await events(handle)]
     retried = [s for s in started if s.attempt == 2]
     assert len(retried) == 1 and "Heartbeat timeout" in retried[0].last_failure.message
@@ -862,22 +855,6 @@ def port_open(port: int) -> bool:
     return False
 
 
-async def test_the_same_order_placed_twice_is_one_order_with_one_charge_one_coffee_and_one_receipt(
-    dev_server: WorkflowEnvironment, capsys: pytest.CaptureFixture[str], log: Any
-) -> None:
-    factory, order = services(), new_order()
-    async with coffee.new_worker(dev_server.client, factory):
-        handles = await asyncio.gather(*[coffee.start_order(dev_server.client, order) for _ in range(2)])
-        results = [await handle.result() for handle in handles]
-        again = await coffee.start_order(dev_server.client, order)  # once it has finished
-        results.append(await again.result())
-        with pytest.raises(coffee.CommandError, match="placed before, for another drink or size"):
-            await coffee.start_order(dev_server.client, order.model_copy(update={"drink": "mocha"}))
-    assert results == [completed(order)] * 3
-    assert tally(log, order) == {"charges": 1, "coffees": 1, "receipts": 1, "refunds": 0}
-    assert capsys.readouterr().err.count("was placed before: this is it; nothing new is charged") == 2
-
-
 @workflow.defn(name="OrderCoffeeWorkflow")
 class BugAtTheEnd(OrderCoffeeWorkflow):
     """The workflow with a bug, as a careless change might bring."""
@@ -890,52 +867,37 @@ class BugAtTheEnd(OrderCoffeeWorkflow):
         raise KeyError("a bug")
 
 
-async def test_a_bug_pauses_the_order_until_a_fixed_worker_carries_it_on(
-    dev_server: WorkflowEnvironment, log: Any
-) -> None:
-    factory, order = services(), new_order()
-    shop = coffee.CoffeeActivities(factory)
-    activities = [shop.price_order, shop.charge_customer, shop.brew_coffee, shop.send_receipt, shop.refund_customer]
-    async with coffee.Worker(
-        dev_server.client, task_queue=coffee.TASK_QUEUE, workflows=[BugAtTheEnd], activities=activities,
-        activity_executor=coffee.ThreadPoolExecutor(),
-    ):  # fmt: skip
-        handle = await coffee.start_order(dev_server.client, order)
-        await eventually(lambda: task_failed(handle), "a failed workflow task")
-    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING  # paused, not failed nor refunded
-    async with coffee.new_worker(dev_server.client, factory):  # the fix, deployed
-        assert await handle.result() == completed(order)
-    assert tally(log, order) == {"charges": 1, "coffees": 1, "receipts": 1, "refunds": 0}
-    assert factory.payment.payment(order.order_id) == ("charged", 525)
-
-
 @activity.defn(name="brew_coffee")
 async def brew_that_returns_a_number(order: OrderRequest) -> int:
     return 1  # a bug: brew_coffee returns nothing
 
 
-@pytest.mark.parametrize("bug", ["a brew result of the wrong type", "a malformed order"])
-async def test_a_bug_or_a_malformed_order_pauses_the_order_with_no_money_lost(
-    dev_server: WorkflowEnvironment, bug: str
+@pytest.mark.parametrize("bug", ["in the workflow", "in a step's result", "in the order"])
+async def test_a_bug_pauses_the_order_with_no_money_lost_until_a_fixed_worker_carries_it_on(
+    dev_server: WorkflowEnvironment, bug: str, log: Any
 ) -> None:
     factory, order = services(), new_order()
     shop = coffee.CoffeeActivities(factory)
-    activities = [shop.price_order, shop.charge_customer, brew_that_returns_a_number, shop.send_receipt]
+    brew = brew_that_returns_a_number if bug == "in a step's result" else shop.brew_coffee
+    given = (
+        as_json(f'{{"order_id": "{order.order_id}", "drink": "tea", "size": "M"}}') if bug == "in the order" else order
+    )
     async with coffee.Worker(
-        dev_server.client, task_queue=coffee.TASK_QUEUE, workflows=[OrderCoffeeWorkflow], activities=activities,
-        activity_executor=coffee.ThreadPoolExecutor(),
+        dev_server.client, task_queue=coffee.TASK_QUEUE, activity_executor=coffee.ThreadPoolExecutor(),
+        workflows=[BugAtTheEnd if bug == "in the workflow" else OrderCoffeeWorkflow],
+        activities=[shop.price_order, shop.charge_customer, brew, shop.send_receipt, shop.refund_customer],
     ):  # fmt: skip
-        given = (
-            as_json(f'{{"order_id": "{order.order_id}", "drink": "tea", "size": "M"}}') if "malformed" in bug else order
-        )
         handle = await dev_server.client.start_workflow(
             "OrderCoffeeWorkflow", given, id=f"order-{order.order_id}", task_queue=coffee.TASK_QUEUE
         )
         await eventually(lambda: task_failed(handle), "a failed workflow task")
     assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING  # paused: neither failed nor refunded
-    money = ("none", 0) if "malformed" in bug else ("charged", 525)  # kept, while the order waits for a fix
-    assert factory.payment.payment(order.order_id) == money
-    await handle.terminate()
+    assert factory.payment.payment(order.order_id)[:2] == (("none", 0) if bug == "in the order" else ("charged", 525))
+    if bug != "in the workflow":  # a fix there would need a reset, or a code change to the order's input
+        return await handle.terminate()
+    async with coffee.new_worker(dev_server.client, factory):  # the fix, deployed
+        assert await handle.result() == completed(order)
+    assert tally(log, order) == {"charges": 1, "coffees": 1, "receipts": 1, "refunds": 0}
 
 
 # --- The command line, as a user runs it ---
@@ -981,7 +943,7 @@ async def test_order_cancel_after_refunds_a_brewing_espresso(dev_server: Workflo
     assert (code, err) == (0, "")
     result = OrderResult.model_validate_json(out)
     assert (result.status, result.brewed, result.refunded, result.amount_cents) == ("CANCELLED", False, True, 350)
-    assert factory.payment.payment(order.order_id) == ("refunded", 350)
+    assert factory.payment.payment(order.order_id)[:2] == ("refunded", 350)
 
 
 async def test_order_says_that_temporal_cancelled_the_order_and_refunded_it(
@@ -1001,7 +963,7 @@ async def test_order_says_that_temporal_cancelled_the_order_and_refunded_it(
     show = f"`temporal workflow show -w {handle.id}`"
     assert (code, out, err) == (0, f"Order {order.order_id} was cancelled through Temporal; any charge was refunded. "
                                    f"See {show}.\n", "")  # fmt: skip
-    assert factory.payment.payment(order.order_id) == ("refunded", 525)
+    assert factory.payment.payment(order.order_id)[:2] == ("refunded", 525)
 
 
 async def test_order_exits_1_and_says_why_when_the_order_fails(time_skipping: WorkflowEnvironment, cli: None) -> None:
@@ -1024,7 +986,7 @@ async def test_the_worker_process_serves_orders_by_its_flags_and_stops_in_one_li
     payments, order = str(tmp_path / "payments.sqlite3"), new_order()
     worker = await spawn("worker", "--brew-seconds", "0", "--records", payments, server=address(dev_server))
     assert await (await coffee.start_order(dev_server.client, order)).result() == completed(order)
-    assert PaymentService(payments).payment(order.order_id) == ("charged", 525)
+    assert coffee.PaymentService(payments).payment(order.order_id)[:2] == ("charged", 525)
     worker.send_signal(stop)
     async with asyncio.timeout(30):
         _out, err = await worker.communicate()
@@ -1085,7 +1047,7 @@ def test_no_server_gets_one_line_that_says_how_to_start_one(
         assert coffee.main(args) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("coffee.py: no Temporal server answered at 127.0.0.1:")
-        assert "server start-dev`, or run `" in err and " demo`, which needs none" in err
+        assert "start one with `temporal server start-dev`, or run coffee.py's demo, which needs none" in err
 
 
 def test_a_ledger_path_that_cannot_be_used_gets_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
