@@ -896,7 +896,7 @@ async def test_a_bug_pauses_the_order_with_no_money_lost_until_a_fixed_worker_ca
     if bug != "in the workflow":  # a fix there would need a reset, or a code change to the order's input
         return await handle.terminate()
     async with coffee.new_worker(dev_server.client, factory):  # the fix, deployed
-        assert await handle.result() == completed(order)
+        assert OrderResult.model_validate(await handle.result()) == completed(order)
     assert tally(log, order) == {"charges": 1, "coffees": 1, "receipts": 1, "refunds": 0}
 
 
