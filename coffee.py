@@ -5,14 +5,14 @@
 """Temporal coffee: a coffee shop's orders on Temporal, in one file. Try it: uv run coffee.py demo
 
 Each order is one run of OrderCoffeeWorkflow: price, charge, brew, send the receipt, and refund the charge whenever the
-coffee is not made (a saga). Temporal records each step in the order's event history. A worker runs the workflow's
-code in turns, called workflow tasks, each ending at a step to wait for; if the worker dies, another rebuilds the
+coffee is not made (a saga). Temporal records each step in the order's event history. A worker runs the workflow's code
+in turns, called workflow tasks, each ending where the code waits for a step; if the worker dies, another rebuilds the
 order by replaying the history through the same code. So workflow code takes the same path every time, with no clock,
-randomness or I/O of its own (the SDK's sandbox checks): whatever touches the world is an activity, which Temporal
-retries as its retry policy says.
+randomness or I/O of its own (the SDK's sandbox checks, running this file afresh for each order): whatever touches the
+world is an activity, which Temporal retries as its retry policy says.
 
-To build a service on it, keep the models, the workflow, the activities, new_worker's settings and start_order; put
-your own clients in place of the pretend services, with their rules (each takes the order id as an idempotency key).
+A service built on it keeps all that comes before the pretend services (the models, the workflow, the activities, the
+worker and start_order), and puts clients of real services in their place, with their rules (below).
 """
 
 import argparse
@@ -43,7 +43,7 @@ try:
     from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
     from temporalio.contrib.pydantic import pydantic_data_converter
     from temporalio.envconfig import ClientConfig
-    from temporalio.exceptions import ActivityError, ApplicationError, ApplicationErrorCategory, CancelledError
+    from temporalio.exceptions import ActivityError, ApplicationError, ApplicationErrorCategory
     from temporalio.runtime import LogForwardingConfig, LoggingConfig, Runtime, TelemetryConfig
     from temporalio.service import RPCError
     from temporalio.testing import WorkflowEnvironment
@@ -68,7 +68,9 @@ class OrderRequest(BaseModel):
 class Payment(BaseModel):  # what the payment provider and the receipt are asked to handle
     order_id: str
     cents: int
-    first_run_id: str  # which start of the order pays: retries and resets keep it; starting the id again does not
+    # Which start of the order pays: its workflow's first run id, which Temporal's retries keep, and so does an
+    # operator's reset (a rerun from a point in its history); a second start of the same workflow id has its own.
+    first_run_id: str
 
 
 class OrderResult(BaseModel):
@@ -103,7 +105,7 @@ REFUND = STEP | workflow.ActivityConfig(retry_policy=RetryPolicy(maximum_interva
 @workflow.defn
 class OrderCoffeeWorkflow:
     """A saga: price, charge, brew, send the receipt; and if the coffee is not made, refund the charge. Both cancels
-    lead there: cancel_order, the shop's own signal, and Temporal's own cancel, which run turns into cancel_order."""
+    lead there: the shop's own signal, cancel_order, and Temporal's own cancel, which run handles as a cancel_order."""
 
     @workflow.init  # __init__ gets the order too, so that the state exists before a signal or a query comes
     def __init__(self, order: OrderRequest) -> None:
@@ -122,7 +124,7 @@ class OrderCoffeeWorkflow:
     def get_status(self) -> OrderState:
         return self._state
 
-    @workflow.run
+    @workflow.run  # an input that is no OrderRequest fails the workflow task: the order waits, RUNNING, unpaid
     async def run(self, order: OrderRequest) -> OrderResult:
         if workflow.info().workflow_id != f"order-{order.order_id}":  # one workflow per order id, whoever starts it
             raise ApplicationError(f"order {order.order_id} runs only as workflow order-{order.order_id}")
@@ -130,7 +132,7 @@ class OrderCoffeeWorkflow:
         serving = asyncio.create_task(self._serve(order))
         try:
             return await asyncio.shield(serving)  # Temporal's cancel interrupts this wait, and not _serve
-        except asyncio.CancelledError:  # Temporal's cancel came, from its CLI, web UI or API
+        except asyncio.CancelledError:  # Temporal's cancel came (only ever once), from its CLI, web UI or API
             self.cancel_order()  # handled as the shop's cancel: the brew stops, then _serve refunds the charge
             result = await serving
             if result.status != "CANCELLED":
@@ -214,7 +216,50 @@ class CoffeeActivities:
         return self.services.payment.refund(payment)
 
 
-# --- Services: pricing, payment, brewing and receipts, knowing nothing of Temporal ---
+# --- The worker, which polls the task queue and runs workflow tasks and activities; and placing an order ---
+ACTIVITY_SLOTS = 20  # activities a worker runs at once
+
+
+def new_worker(client: Client, services: "ServiceFactory") -> Worker:
+    shop = CoffeeActivities(services)
+    return Worker(
+        client,
+        task_queue=TASK_QUEUE,
+        workflows=[OrderCoffeeWorkflow],
+        activities=[shop.price_order, shop.charge_customer, shop.brew_coffee, shop.send_receipt, shop.refund_customer],
+        # As many threads, for the plain def activities, as activities taken at once: an attempt's timeout runs from
+        # when the worker takes it, so an attempt left waiting for a thread would time out, and run late all the same.
+        activity_executor=ThreadPoolExecutor(ACTIVITY_SLOTS),
+        max_concurrent_activities=ACTIVITY_SLOTS,
+    )
+
+
+Handle = WorkflowHandle[OrderCoffeeWorkflow, OrderResult]
+
+
+class CommandError(Exception):
+    """A problem the user can fix: coffee.py says it in one line, and exits 1."""
+
+
+async def start_order(client: Client, order: OrderRequest) -> Handle:
+    """Place the order; or, if its id was placed before, find that order: one id, one order, one charge."""
+    workflow_id = f"order-{order.order_id}"
+    try:  # REJECT_DUPLICATE: even once that order has finished
+        policy = WorkflowIDReusePolicy.REJECT_DUPLICATE
+        return await client.start_workflow(
+            OrderCoffeeWorkflow.run, order, id=workflow_id, task_queue=TASK_QUEUE, id_reuse_policy=policy
+        )
+    except exceptions.WorkflowAlreadyStartedError:
+        handle = client.get_workflow_handle_for(OrderCoffeeWorkflow.run, workflow_id)
+        started = (await handle.fetch_history()).events[0].workflow_execution_started_event_attributes
+        with contextlib.suppress(Exception):  # what was ordered, from the server's own record: that order's input
+            if await client.data_converter.decode(started.input.payloads, [OrderRequest]) == [order]:
+                print(f"Order {order.order_id} was placed before: this is it; nothing new is charged.", file=sys.stderr)
+                return handle
+        raise CommandError(f"order {order.order_id} was placed before, for another drink or size") from None
+
+
+# --- Services: pretend ones, for pricing, payment, brewing and receipts, knowing nothing of Temporal ---
 class PricingStrategy(Protocol):
     def price_cents(self, drink: Drink, size: Size) -> int: ...
 
@@ -305,10 +350,10 @@ class NotificationService:  # a pretend mail service; like the provider, it send
 
     def send_receipt(self, payment: Payment) -> None:
         self._log.info("Sending receipt for order %s", payment.order_id)
-        if self._db.execute("INSERT OR IGNORE INTO receipts VALUES (?, ?)", (payment.order_id, payment.cents)).rowcount:
-            self._log.info("Receipt sent for order %s", payment.order_id)
-        else:
-            self._log.info("Receipt for order %s was sent before", payment.order_id)
+        sent = self._db.execute("INSERT OR IGNORE INTO receipts VALUES (?, ?)", (payment.order_id, payment.cents))
+        self._log.info(
+            "Receipt sent for order %s" if sent.rowcount else "Receipt for order %s was sent before", payment.order_id
+        )
 
 
 class ServiceFactory:  # builds each service once, for a worker's activities
@@ -320,74 +365,19 @@ class ServiceFactory:  # builds each service once, for a worker's activities
         self.notification = NotificationService(records)
 
 
-# --- The worker: polls the task queue, and runs workflow tasks and activities ---
-ACTIVITY_SLOTS = 20  # activities a worker runs at once
-
-
-def new_worker(client: Client, services: ServiceFactory) -> Worker:
-    shop = CoffeeActivities(services)
-    return Worker(
-        client,
-        task_queue=TASK_QUEUE,
-        workflows=[OrderCoffeeWorkflow],
-        activities=[shop.price_order, shop.charge_customer, shop.brew_coffee, shop.send_receipt, shop.refund_customer],
-        # As many threads, for the plain def activities, as activities taken at once: an attempt's timeout runs from
-        # when the worker takes it, so an attempt left waiting for a thread would time out, and run late all the same.
-        activity_executor=ThreadPoolExecutor(ACTIVITY_SLOTS),
-        max_concurrent_activities=ACTIVITY_SLOTS,
-    )
-
-
-async def run_worker(args: argparse.Namespace) -> None:
-    try:
-        services = ServiceFactory(args.brew_failure_rate, args.brew_seconds, args.records)
-    except sqlite3.Error as err:
-        raise CommandError(f"cannot keep records in {args.records}: {err}") from None
-    async with new_worker(await connect(), services):
-        logging.getLogger("coffee.worker").info(
-            "Worker %d polling task queue %r; Ctrl-C to stop", os.getpid(), TASK_QUEUE
-        )
-        await asyncio.Event().wait()  # until Ctrl-C
-
-
-# --- The client: connect, place an order, wait for its result ---
-Handle = WorkflowHandle[OrderCoffeeWorkflow, OrderResult]
-
-
-class CommandError(Exception):
-    """A problem the user can fix: coffee.py says it in one line, and exits 1."""
-
-
+# --- The client: connect, wait for an order's result ---
 async def connect() -> Client:  # to the server that Temporal's environment configuration names (see parse_args)
     try:
         config = ClientConfig.load_client_connect_config()
     except RuntimeError as err:  # its message goes on to quote the file, secrets and all: only its first line
-        where = os.environ.get("TEMPORAL_CONFIG_FILE", "Temporal's config file")
-        raise CommandError(f"cannot read {where}: {str(err).splitlines()[0]}") from None
+        file = os.environ.get("TEMPORAL_CONFIG_FILE", "Temporal's config file")
+        raise CommandError(f"cannot read {file}: {str(err).splitlines()[0]}") from None
     address = config.setdefault("target_host", "localhost:7233")
     try:
         return await Client.connect(**config, data_converter=pydantic_data_converter)
     except RuntimeError as err:
         hint = "start one with `temporal server start-dev`, or run coffee.py's demo, which needs none"
         raise CommandError(f"no Temporal server answered at {address} ({err}); {hint}") from None
-
-
-async def start_order(client: Client, order: OrderRequest) -> Handle:
-    """Place the order; or, if its id was placed before, find that order: one id, one order, one charge."""
-    workflow_id = f"order-{order.order_id}"
-    try:  # REJECT_DUPLICATE: even once that order has finished
-        policy = WorkflowIDReusePolicy.REJECT_DUPLICATE
-        return await client.start_workflow(
-            OrderCoffeeWorkflow.run, order, id=workflow_id, task_queue=TASK_QUEUE, id_reuse_policy=policy
-        )
-    except exceptions.WorkflowAlreadyStartedError:
-        handle = client.get_workflow_handle_for(OrderCoffeeWorkflow.run, workflow_id)
-        started = (await handle.fetch_history()).events[0].workflow_execution_started_event_attributes
-        with contextlib.suppress(Exception):  # what was ordered, from the server's own record: that order's input
-            if await client.data_converter.decode(started.input.payloads, [OrderRequest]) == [order]:
-                print(f"Order {order.order_id} was placed before: this is it; nothing new is charged.", file=sys.stderr)
-                return handle
-        raise CommandError(f"order {order.order_id} was placed before, for another drink or size") from None
 
 
 async def wait_for_order(
@@ -476,15 +466,16 @@ async def run_demo(args: argparse.Namespace) -> None:
             worker.kill()  # as kill -9 does: the worker hands nothing back
             await worker.wait()
         print("   Killed it, 1 s into the brew. This process becomes the next worker; it has never seen this order.")
-        # The server holds an order's next workflow task for the worker that ran it last (10 s if that one is gone).
+        # The server sends an order's workflow tasks to the worker that ran its last one (its "sticky" queue), and
+        # waits 10 s for it before it gives them to any worker: tell it that this one is gone.
         gone = ResetStickyTaskQueueRequest(namespace="default", execution=WorkflowExecution(workflow_id=handle.id))
         await client.workflow_service.reset_sticky_task_queue(gone)
         async with new_worker(client, services):
             report(crash, await handle.result())
         print("   At the brew's heartbeat timeout, Temporal ran it again, here. This worker rebuilt the order by")
         print("   replaying its history, which held the charge: no second charge. In the history:")
-        async for event in handle.fetch_history_events():
-            if (started := event.activity_task_started_event_attributes).attempt > 1:
+        async for event in handle.fetch_history_events():  # an ActivityTaskStarted event of a second attempt
+            if (started := event.activity_task_started_event_attributes).attempt > 1:  # (on other events: empty)
                 print(f"   brew_coffee's attempt {started.attempt} started, after: {started.last_failure.message}")
     coffee = "uv run coffee.py" if "UV" in os.environ else f"{sys.executable} {sys.argv[0]}"  # as it was run
     print("\nThe demo's server has stopped, and its links with it. To run the parts yourself, each in a terminal:")
@@ -495,6 +486,13 @@ async def run_demo(args: argparse.Namespace) -> None:
 
 
 # --- The command line ---
+async def run_worker(args: argparse.Namespace) -> None:
+    services = ServiceFactory(args.brew_failure_rate, args.brew_seconds, args.records)
+    async with new_worker(await connect(), services):
+        logging.getLogger("coffee.worker").info("Worker %d polling task queue %r", os.getpid(), TASK_QUEUE)
+        await asyncio.Event().wait()  # until Ctrl-C
+
+
 def seconds(text: str) -> float:
     if not float(text) >= 0:
         raise argparse.ArgumentTypeError(f"{text} is not 0 or more")
@@ -533,7 +531,7 @@ async def place_order(args: argparse.Namespace) -> int:
     try:
         result = await wait_for_order(await start_order(await connect(), order), on_state, args.cancel_after)
     except WorkflowFailureError as err:
-        if isinstance(err.cause, CancelledError):
+        if isinstance(err.cause, exceptions.CancelledError):  # Temporal's, not asyncio's
             print(f"Order {order.order_id} was cancelled through Temporal; any charge was refunded. See {show}.")
             return 0
         raise CommandError(f"order {order.order_id} did not finish: {err.cause}. See {show}.") from None
@@ -543,9 +541,7 @@ async def place_order(args: argparse.Namespace) -> int:
     return 1 if result.status == "FAILED" else 0
 
 
-def one_line(
-    record: logging.LogRecord,
-) -> bool:  # an attempt that the server dropped (in a restart, say), said in one line
+def one_line(record: logging.LogRecord) -> bool:  # an attempt the server dropped (in a restart, say): no traceback
     if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
         record.exc_info = None
     return True
@@ -559,18 +555,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("temporalio.activity").addFilter(one_line)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # in step with the log, when piped
 
-    async def run_command() -> int:
-        task, loop = asyncio.current_task(), asyncio.get_running_loop()
-        assert task
-        signal.signal(signal.SIGTERM, lambda *_: loop.call_soon_threadsafe(task.cancel))  # as Ctrl-C does: clean up
-        return await {"demo": run_demo, "worker": run_worker, "order": place_order}[args.command](args) or 0
-
-    try:
-        return asyncio.run(run_command())
+    try:  # Ctrl-C cancels the command, so that each `async with` cleans up
+        return asyncio.run({"demo": run_demo, "worker": run_worker, "order": place_order}[args.command](args)) or 0
     except CommandError as err:
         print(f"coffee.py: {err}", file=sys.stderr)
     except RPCError as err:  # the server refused a call, or could not be reached for a while
         print(f"coffee.py: a call to the Temporal server failed: {err}", file=sys.stderr)
+    except sqlite3.Error as err:  # an unusable --records
+        print(f"coffee.py: cannot keep records in {args.records}: {err}", file=sys.stderr)
     except ValidationError as err:  # a bad --order-id
         print(f"coffee.py: invalid {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}", file=sys.stderr)
     except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, or SIGTERM
@@ -581,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C works even where a shell ignored it (cmd &)
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))  # SIGTERM stops it as Ctrl-C does
     # The SDK's core logs through Python's logging, to stderr: else its warnings would land on stdout, in order's JSON.
     core_logs = LoggingConfig(LoggingConfig.default.filter, LogForwardingConfig(logging.getLogger("temporalio.core")))
     Runtime.set_default(Runtime(telemetry=TelemetryConfig(logging=core_logs)))
