@@ -144,9 +144,8 @@ class OrderCoffeeWorkflow:
         try:
             # Priced by a step of its own, whose result the history keeps: a retry or replay on new prices uses it.
             state.amount_cents = await workflow.execute_activity_method(CoffeeActivities.price_order, order, **STEP)
-            payment = Payment(
-                order_id=order.order_id, cents=state.amount_cents, first_run_id=workflow.info().first_execution_run_id
-            )
+            first_run = workflow.info().first_execution_run_id  # the start of the order that pays
+            payment = Payment(order_id=order.order_id, cents=state.amount_cents, first_run_id=first_run)
             if not state.cancel_requested:
                 state.status = "CHARGING"
                 refund_owed = True  # even if this step fails: an attempt may have taken the money, its reply lost
