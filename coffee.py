@@ -27,10 +27,11 @@ import socket
 import sqlite3
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import ClassVar, Literal, Protocol, get_args
+from typing import Any, ClassVar, Literal, Protocol, get_args
 
 if sys.version_info < (3, 11):
     sys.exit("coffee.py needs Python 3.11 or newer: run `uv run coffee.py demo`, which brings its own")
@@ -271,11 +272,20 @@ class StandardPricingStrategy:  # a base price by size plus a surcharge by drink
         return self.BASE_CENTS[size] + self.SURCHARGE_CENTS[drink]
 
 
-def open_records(database: str, table: str) -> sqlite3.Connection:  # a file that workers share and that outlives them
-    records = sqlite3.connect(database, isolation_level=None, check_same_thread=False, timeout=30)
-    records.execute("PRAGMA journal_mode = WAL")  # workers in other processes may read while one writes
-    records.execute(f"CREATE TABLE IF NOT EXISTS {table}")
-    return records
+class Records:
+    """A pretend service's records: a SQLite file that workers share and that outlives them. This process's threads
+    take turns with its one connection, and workers in other processes may read it while one writes (WAL)."""
+
+    def __init__(self, database: str, table: str) -> None:
+        self._db = sqlite3.connect(database, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute(f"CREATE TABLE IF NOT EXISTS {table}")
+        self._turn = threading.Lock()
+
+    def run(self, sql: str, values: Any = ()) -> tuple[int, Any]:  # the rows it changed, and the first row it read
+        with self._turn:
+            cursor = self._db.execute(sql, values)
+            return cursor.rowcount, cursor.fetchone()
 
 
 class PaymentRefused(Exception): ...
@@ -288,13 +298,13 @@ class PaymentService:
     charge of another amount, under a void or refunded key, or from another start of the order id, is refused."""
 
     def __init__(self, database: str) -> None:
-        self._db = open_records(database, "payments (order_id PRIMARY KEY, cents, state, first_run_id)")
+        self._db = Records(database, "payments (order_id PRIMARY KEY, cents, state, first_run_id)")
         self._log = logging.getLogger("coffee.payment")
 
     def charge(self, payment: Payment) -> None:
         self._log.info("Charging order %s for %d cents", payment.order_id, payment.cents)
         sql = "INSERT OR IGNORE INTO payments VALUES (:order_id, :cents, 'charged', :first_run_id)"
-        new = self._db.execute(sql, payment.model_dump()).rowcount
+        new, _ = self._db.run(sql, payment.model_dump())
         if (found := self.payment(payment.order_id)) != ("charged", payment.cents, payment.first_run_id):
             self._log.warning("Refused to charge order %s: its payment is %s, %d cents", payment.order_id, *found[:2])
             raise PaymentRefused(f"order {payment.order_id} has a payment ({found[0]}, {found[1]} cents): use a new id")
@@ -302,16 +312,16 @@ class PaymentService:
 
     def refund(self, payment: Payment) -> int:
         keys = payment.model_dump()
-        self._db.execute("INSERT OR IGNORE INTO payments VALUES (:order_id, 0, 'void', :first_run_id)", keys)
+        self._db.run("INSERT OR IGNORE INTO payments VALUES (:order_id, 0, 'void', :first_run_id)", keys)
         sql = "UPDATE payments SET state = 'refunded' WHERE order_id = :order_id AND first_run_id = :first_run_id"
-        if self._db.execute(sql + " AND state = 'charged'", keys).rowcount:
+        if self._db.run(sql + " AND state = 'charged'", keys)[0]:
             self._log.info("Refunded %d cents for order %s", payment.cents, payment.order_id)
         state, cents, paid_by = self.payment(payment.order_id)
         return cents if (state, paid_by) == ("refunded", payment.first_run_id) else 0
 
     def payment(self, order_id: str) -> tuple[str, int, str]:  # "charged", "refunded", "void" or "none"; cents; by
         sql = "SELECT state, cents, first_run_id FROM payments WHERE order_id = ?"
-        return self._db.execute(sql, (order_id,)).fetchone() or ("none", 0, "")
+        return self._db.run(sql, (order_id,))[1] or ("none", 0, "")
 
 
 class BrewMachineJammed(Exception): ...
@@ -344,14 +354,14 @@ class BrewService:  # a pretend espresso machine that takes its time, and jams n
 
 class NotificationService:  # a pretend mail service; like the provider, it sends one receipt per order id
     def __init__(self, database: str) -> None:
-        self._db = open_records(database, "receipts (order_id PRIMARY KEY, cents)")
+        self._db = Records(database, "receipts (order_id PRIMARY KEY, cents)")
         self._log = logging.getLogger("coffee.notify")
 
     def send_receipt(self, payment: Payment) -> None:
         self._log.info("Sending receipt for order %s", payment.order_id)
-        sent = self._db.execute("INSERT OR IGNORE INTO receipts VALUES (?, ?)", (payment.order_id, payment.cents))
+        sent, _ = self._db.run("INSERT OR IGNORE INTO receipts VALUES (?, ?)", (payment.order_id, payment.cents))
         self._log.info(
-            "Receipt sent for order %s" if sent.rowcount else "Receipt for order %s was sent before", payment.order_id
+            "Receipt sent for order %s" if sent else "Receipt for order %s was sent before", payment.order_id
         )
 
 

@@ -343,6 +343,32 @@ def test_the_provider_charges_a_key_once_refunds_it_once_and_voids_it_if_it_find
     ]  # fmt: skip
 
 
+def test_the_providers_serve_a_workers_threads_at_once_each_order_once(tmp_path: Path) -> None:
+    factory = services(records=str(tmp_path / "records.sqlite3"))  # one file, as the worker's threads share it
+    refused: list[Exception] = []
+
+    def orders(thread: int) -> None:
+        for n in range(40):
+            payment = paying(f"o{thread}-{n}")
+            try:
+                factory.payment.charge(payment)
+                factory.notification.send_receipt(payment)
+                assert factory.payment.refund(payment) == 525 if n % 2 else factory.payment.payment(payment.order_id)
+            except Exception as err:
+                refused.append(err)
+
+    threads = [threading.Thread(target=orders, args=(thread,)) for thread in range(coffee.ACTIVITY_SLOTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert refused == []
+    assert factory.payment.payment("o3-1")[:2] == ("refunded", 525) and factory.payment.payment("o3-2")[:2] == (
+        "charged",
+        525,
+    )
+
+
 # --- The activities, through ActivityEnvironment ---
 async def test_a_jam_is_an_expected_failure_that_the_retry_policy_retries(log: Any) -> None:
     brew = coffee.CoffeeActivities(services(brew_failure_rate=1.0)).brew_coffee
