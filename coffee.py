@@ -12,7 +12,8 @@ randomness or I/O of its own (the SDK's sandbox checks, running this file afresh
 world is an activity, which Temporal retries as its retry policy says.
 
 A service built on it keeps all that comes before the pretend services (the models, the workflow, the activities, the
-worker and start_order), and puts clients of real services in their place, with their rules (below).
+worker and start_order), and puts clients of real services in their place, keeping the rules that PaymentService
+and NotificationService state (each takes the order id as an idempotency key).
 """
 
 import argparse
@@ -433,14 +434,18 @@ async def run_demo(args: argparse.Namespace) -> None:
         free.bind(("localhost", 0))
         ui_port = free.getsockname()[1]
     cli = shutil.which("temporal") or shutil.which("temporal", path=os.path.dirname(sys.executable))
-    async with await WorkflowEnvironment.start_local(  # on Temporal's CLI if installed; if not, the SDK downloads it
-        ui=True,
-        ui_port=ui_port,
-        dev_server_existing_path=cli,
-        data_converter=pydantic_data_converter,
-        dev_server_log_level="error",
-        dev_server_extra_args=["--output", "none"],
-    ) as server:
+    try:  # on Temporal's CLI if it is installed; if not, the SDK downloads it
+        server = await WorkflowEnvironment.start_local(
+            ui=True,
+            ui_port=ui_port,
+            dev_server_existing_path=cli,
+            data_converter=pydantic_data_converter,
+            dev_server_log_level="error",
+            dev_server_extra_args=["--output", "none"],
+        )
+    except RuntimeError as err:
+        raise CommandError(f"{err}; install Temporal's CLI (https://docs.temporal.io/cli), then try again") from None
+    async with server:
         client, ui = server.client, f"http://localhost:{ui_port}/namespaces/default/workflows"
         print(f"Temporal coffee: four orders on the demo's own dev server. Its web UI, while the demo runs: {ui}")
         print("Each order is a run of OrderCoffeeWorkflow: charge, brew, send a receipt. This process is the worker.")

@@ -1143,6 +1143,19 @@ async def test_the_demo_shows_four_orders_and_a_crash_then_leaves_nothing_runnin
     assert coffee_py.endswith(" worker") and text.splitlines()[-1].strip().startswith(coffee_py.removesuffix("worker"))
 
 
+def test_a_demo_with_no_temporal_cli_to_run_or_download_gets_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def offline(**_: Any) -> None:  # as the SDK fails when there is no CLI and no network to download it
+        raise RuntimeError("Failed starting Temporal dev server: failed to download ephemeral server executable")
+
+    monkeypatch.setattr(coffee.WorkflowEnvironment, "start_local", offline)
+    assert coffee.main(["demo"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("coffee.py: Failed starting Temporal dev server: failed to download")
+    assert err.endswith("; install Temporal's CLI (https://docs.temporal.io/cli), then try again\n")
+
+
 @slow_first
 async def test_a_demo_stopped_by_ctrl_c_takes_its_server_with_it() -> None:
     demo = await spawn("demo", server="127.0.0.1:1")
