@@ -195,8 +195,9 @@ class CoffeeActivities:
     def charge_customer(self, payment: Payment) -> None:
         try:  # The order id is the idempotency key: an attempt made again charges nothing new.
             self.services.payment.charge(payment)
-        except PaymentRefused as err:  # final: non_retryable fails the step at once
-            raise ApplicationError(str(err), type="PaymentRefused", non_retryable=True) from None
+        except PaymentRefused as err:  # final: non_retryable fails the step at once; BENIGN: the provider logged it
+            category = ApplicationErrorCategory.BENIGN
+            raise ApplicationError(str(err), type="PaymentRefused", non_retryable=True, category=category) from None
 
     @activity.defn
     async def brew_coffee(self, order: OrderRequest) -> None:
