@@ -1,6 +1,7 @@
-"""The tests of coffee.py, by subject: the payment provider; an activity; the workflow on the time-skipping server,
-where retries take no time; the recorded histories; the workflow on a dev server, in real time (cancels, slow calls,
-a killed worker, a restarted server); the command line; the demo. Money is read from the provider's records, coffees
+"""The tests of coffee.py, by subject: the providers; an activity; the workflow on the time-skipping server, where
+retries take no time; orders started by other clients; the recorded histories; the workflow on a dev server, in real
+time (cancels, slow calls, a slow provider under load, a killed worker, a restarted server, bugs); the command line;
+the demo. Money is read from the provider's records, coffees
 and receipts from the services' log lines, Temporal's behaviour from the event history. Waits are on events, each
 with a generous guard, so that a busy machine slows a test but never fails it. pytest-xdist runs five processes."""
 
