@@ -279,9 +279,12 @@ class Records:
     take turns with its one connection, and workers in other processes may read it while one writes (WAL)."""
 
     def __init__(self, database: str, table: str) -> None:
-        self._db = sqlite3.connect(database, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute(f"CREATE TABLE IF NOT EXISTS {table}")
+        try:
+            self._db = sqlite3.connect(database, isolation_level=None, check_same_thread=False, timeout=30)
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute(f"CREATE TABLE IF NOT EXISTS {table}")
+        except sqlite3.Error as err:
+            raise CommandError(f"cannot keep records in {database}: {err}") from None
         self._turn = threading.Lock()
 
     def run(self, sql: str, values: Any = ()) -> tuple[int, Any]:  # the rows it changed, and the first row it read
@@ -576,8 +579,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"coffee.py: {err}", file=sys.stderr)
     except RPCError as err:  # the server refused a call, or could not be reached for a while
         print(f"coffee.py: a call to the Temporal server failed: {err}", file=sys.stderr)
-    except sqlite3.Error as err:  # an unusable --records
-        print(f"coffee.py: cannot keep records in {args.records}: {err}", file=sys.stderr)
     except ValidationError as err:  # a bad --order-id
         print(f"coffee.py: invalid {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}", file=sys.stderr)
     except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, or SIGTERM

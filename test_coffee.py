@@ -1077,10 +1077,18 @@ def test_no_server_gets_one_line_that_says_how_to_start_one(
         assert "start one with `temporal server start-dev`, or run coffee.py's demo, which needs none" in err
 
 
-def test_a_ledger_path_that_cannot_be_used_gets_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_a_ledger_path_that_cannot_be_used_gets_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert coffee.main(["worker", "--records", str(tmp_path / "no" / "such.sqlite3")]) == 1
     err = capsys.readouterr().err
     assert err == f"coffee.py: cannot keep records in {tmp_path}/no/such.sqlite3: unable to open database file\n"
+    monkeypatch.setattr(coffee.tempfile, "gettempdir", lambda: str(tmp_path / "no"))  # the demo's, in the temp folder
+    assert coffee.main(["demo"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err == f"coffee.py: cannot keep records in {tmp_path}/no/coffee-records.sqlite3: unable to open database file\n"
+    )
 
 
 def test_the_script_metadata_names_the_packages_that_requirements_txt_pins() -> None:
