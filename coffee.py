@@ -318,8 +318,9 @@ class PaymentService:
     def refund(self, payment: Payment) -> int:
         keys = payment.model_dump()
         self._db.run("INSERT OR IGNORE INTO payments VALUES (:order_id, 0, 'void', :first_run_id)", keys)
-        sql = "UPDATE payments SET state = 'refunded' WHERE order_id = :order_id AND first_run_id = :first_run_id"
-        if self._db.run(sql + " AND state = 'charged'", keys)[0]:
+        sql = "UPDATE payments SET state = 'refunded' WHERE state = 'charged' AND order_id = :order_id"
+        sql += " AND first_run_id = :first_run_id"  # only this start's own charge
+        if self._db.run(sql, keys)[0]:
             self._log.info("Refunded %d cents for order %s", payment.cents, payment.order_id)
         state, cents, paid_by = self.payment(payment.order_id)
         return cents if (state, paid_by) == ("refunded", payment.first_run_id) else 0
