@@ -500,7 +500,7 @@ async def run_demo(args: argparse.Namespace) -> None:
     print("\nThe demo's server has stopped, and its links with it. To run the parts yourself, each in a terminal:")
     if os.path.dirname(__file__) == tempfile.gettempdir():  # uv ran it from a URL, from a copy that is gone now
         print("  (first save the script here as coffee.py: curl -Lo coffee.py <its URL>)")
-    print("  temporal server start-dev --db-filename coffee.db      (Temporal's CLI: https://docs.temporal.io/cli)")
+    print(f"  {cli or 'temporal'} server start-dev --db-filename coffee.db  (https://docs.temporal.io/cli)")
     print(f"  {coffee} worker\n  {coffee} order --order-id {tag} --drink latte --size M --query")
 
 

@@ -1148,6 +1148,7 @@ async def test_the_demo_shows_four_orders_and_a_crash_then_leaves_nothing_runnin
     assert "polling task queue 'coffee-orders'" in err.decode()  # order 4's worker, the process it killed
     assert "Brewing latte (M) for order crash-" in err.decode()
     assert "brew_coffee's attempt 2 started, after: activity Heartbeat timeout" in text
+    assert os.access(text.splitlines()[-3].split()[0], os.X_OK)  # the CLI it ran on, as a command that runs
     coffee_py = text.splitlines()[-2].strip()
     assert coffee_py.endswith(" worker") and text.splitlines()[-1].strip().startswith(coffee_py.removesuffix("worker"))
 
